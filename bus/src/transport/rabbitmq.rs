@@ -1,0 +1,685 @@
+//! RabbitMQ transport (lapin).
+//!
+//! Topics are durable topic exchanges; the routing key is the event type, so a subscription
+//! `listing.*` is the binding key `listing.*`. Queues are durable quorum queues (the delivery
+//! count and delivery limit need them) with a dead-letter queue reached through the default
+//! exchange. Publishing waits for publisher confirms; consuming uses manual acks with a bounded
+//! prefetch. Every connection is named `<connection_name>/<role>` so operators (and the
+//! broker-loss tests) can find it with `rabbitmqctl list_connections user_provided_name`.
+//!
+//! Broker loss: publishers and subscriptions drop the dead connection and reconnect with
+//! jittered exponential backoff. Unconfirmed publishes are sent again (at-least-once), and
+//! unacked deliveries of a dead channel are redelivered by the broker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::transport::{
+    Attributes, Delivery, Destination, FailedEntry, Filter, OutgoingMessage, QueueDepth, QueueSpec, Result,
+    Settle, SubscribeOptions, Subscription, Transport, TransportError, dead_letter_queue_name,
+};
+
+/// How to reach RabbitMQ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RabbitMqConfig {
+    /// `amqp://user:pass@host:port/vhost` (vhost `/` is `%2f`); `amqps://` for TLS.
+    pub url: String,
+    /// Prefix of the connection names shown by the broker, e.g. the service name.
+    pub connection_name: String,
+    /// How long a publish keeps retrying through broker loss before it reports failure.
+    pub publish_timeout: Duration,
+    /// Longest pause between reconnect attempts.
+    pub max_reconnect_backoff: Duration,
+}
+
+impl RabbitMqConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            connection_name: "resync".into(),
+            publish_timeout: Duration::from_secs(60),
+            max_reconnect_backoff: Duration::from_secs(5),
+        }
+    }
+
+    /// The URL with any password replaced, for logs and errors.
+    fn redacted_url(&self) -> String {
+        redact_password(&self.url)
+    }
+}
+
+fn redact_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}://{user}:***@{}", &url[..scheme_end], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// What a lapin error means for the caller.
+#[derive(Debug, PartialEq, Eq)]
+enum Failure {
+    /// The named exchange or queue does not exist.
+    NotFound,
+    /// The broker refused for a reason retrying cannot fix (access, precondition).
+    Fatal,
+    /// The connection or channel broke; reconnect and retry.
+    Transient,
+}
+
+fn classify(err: &lapin::Error) -> Failure {
+    match err.kind() {
+        ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => Failure::NotFound,
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED | AMQPSoftError::PRECONDITIONFAILED) => {
+                Failure::Fatal
+            }
+            _ => Failure::Transient,
+        },
+        _ => Failure::Transient,
+    }
+}
+
+fn op_error(operation: &'static str, resource: &str, err: &lapin::Error) -> TransportError {
+    match classify(err) {
+        Failure::NotFound => TransportError::NotFound(resource.to_string()),
+        _ => TransportError::Operation { operation, resource: resource.to_string(), detail: err.to_string() },
+    }
+}
+
+fn backoff(config: &RabbitMqConfig) -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(config.max_reconnect_backoff)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+async fn connect(config: &RabbitMqConfig, role: &str) -> Result<Connection> {
+    let name = format!("{}/{role}", config.connection_name);
+    let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
+    Connection::connect(&config.url, properties).await.map_err(|e| TransportError::Connect {
+        transport: "rabbitmq",
+        endpoint: config.redacted_url(),
+        detail: e.to_string(),
+    })
+}
+
+/// Connects, retrying with backoff until `deadline`.
+async fn connect_with_backoff(config: &RabbitMqConfig, role: &str, deadline: Instant) -> Result<Connection> {
+    let mut delays = backoff(config);
+    loop {
+        match connect(config, role).await {
+            Ok(connection) => return Ok(connection),
+            Err(err) => {
+                let delay = delays.next().unwrap_or(config.max_reconnect_backoff);
+                if Instant::now() + delay >= deadline {
+                    return Err(err);
+                }
+                warn!(role, error = %err, retry_in = ?delay, "RabbitMQ connection failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// The publisher connection and its confirm-mode channel, shared by the transport and by
+/// subscriptions (which publish dead letters).
+struct Publisher {
+    config: RabbitMqConfig,
+    channel: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl Publisher {
+    async fn channel(&self, slot: &mut Option<(Connection, Channel)>, deadline: Instant) -> Result<Channel> {
+        if let Some((_, channel)) =
+            slot.as_ref().filter(|(c, ch)| c.status().connected() && ch.status().connected())
+        {
+            return Ok(channel.clone());
+        }
+        let connection = connect_with_backoff(&self.config, "publisher", deadline).await?;
+        let channel =
+            connection.create_channel().await.map_err(|e| op_error("channel.open", "publisher", &e))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| op_error("confirm.select", "publisher", &e))?;
+        *slot = Some((connection, channel.clone()));
+        Ok(channel)
+    }
+
+    /// Publishes with confirms; resends what was not confirmed after a broker loss, until the
+    /// publish timeout. Returns entries that failed for good.
+    async fn publish(&self, destination: &Destination, messages: Vec<OutgoingMessage>) -> Result<()> {
+        let total = messages.len();
+        let mut failed = Vec::new();
+        let mut pending: Vec<(usize, OutgoingMessage)> = Vec::with_capacity(total);
+        for (index, message) in messages.into_iter().enumerate() {
+            match message.check_size() {
+                Ok(()) => pending.push((index, message)),
+                Err(reason) => failed.push(FailedEntry { index, reason }),
+            }
+        }
+        let deadline = Instant::now() + self.config.publish_timeout;
+        let mut delays = backoff(&self.config);
+        let mut slot = self.channel.lock().await;
+        while !pending.is_empty() {
+            let channel = self.channel(&mut slot, deadline).await?;
+            let round = publish_round(&channel, destination, pending).await;
+            failed.extend(round.failed);
+            pending = round.retry;
+            if let Some(err) = round.error {
+                if classify(&err) == Failure::NotFound {
+                    return Err(TransportError::NotFound(destination_name(destination).to_string()));
+                }
+                *slot = None;
+                let delay = delays.next().unwrap_or(self.config.max_reconnect_backoff);
+                if Instant::now() + delay >= deadline {
+                    return Err(TransportError::Operation {
+                        operation: "basic.publish",
+                        resource: destination.to_string(),
+                        detail: format!(
+                            "{} messages unconfirmed after {:?}: {err}",
+                            pending.len(),
+                            self.config.publish_timeout
+                        ),
+                    });
+                }
+                warn!(%destination, unconfirmed = pending.len(), error = %err, "publish interrupted; resending after reconnect");
+                tokio::time::sleep(delay).await;
+            }
+        }
+        failed.sort_by_key(|f| f.index);
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(TransportError::Partial { failed: failed.len(), total, entries: failed })
+        }
+    }
+
+    async fn close(&self) {
+        if let Some((connection, _)) = self.channel.lock().await.take() {
+            let _ = connection.close(200, ShortString::from("resync shutting down")).await;
+        }
+    }
+}
+
+struct Round {
+    failed: Vec<FailedEntry>,
+    retry: Vec<(usize, OutgoingMessage)>,
+    error: Option<lapin::Error>,
+}
+
+fn destination_name(destination: &Destination) -> &str {
+    match destination {
+        Destination::Topic(t) | Destination::Queue(t) => t,
+    }
+}
+
+/// Sends every pending message on one channel, then awaits their confirms.
+async fn publish_round(
+    channel: &Channel,
+    destination: &Destination,
+    pending: Vec<(usize, OutgoingMessage)>,
+) -> Round {
+    let (exchange, mandatory) = match destination {
+        Destination::Topic(t) => (t.as_str(), false),
+        // Mandatory: a message for a missing queue comes back instead of vanishing.
+        Destination::Queue(_) => ("", true),
+    };
+    let mut round = Round { failed: Vec::new(), retry: Vec::new(), error: None };
+    let mut confirms = Vec::with_capacity(pending.len());
+    let mut unsent = pending.into_iter();
+    for (index, message) in unsent.by_ref() {
+        let routing_key = match destination {
+            Destination::Topic(_) => message.routing_key.as_str(),
+            Destination::Queue(q) => q.as_str(),
+        };
+        let sent = channel
+            .basic_publish(
+                ShortString::from(exchange),
+                ShortString::from(routing_key),
+                BasicPublishOptions { mandatory, ..Default::default() },
+                &message.body,
+                properties(&message),
+            )
+            .await;
+        match sent {
+            Ok(confirm) => confirms.push((index, message, confirm)),
+            Err(err) => {
+                round.retry.push((index, message));
+                round.error = Some(err);
+                break;
+            }
+        }
+    }
+    round.retry.extend(unsent);
+    for (index, message, confirm) in confirms {
+        match confirm.await {
+            Ok(confirmation) if confirmation.is_ack() => {
+                if let Some(returned) = confirmation.take_message() {
+                    let reason = format!("unroutable: {}", returned.reply_text);
+                    round.failed.push(FailedEntry { index, reason });
+                }
+            }
+            Ok(_) => round.retry.push((index, message)),
+            Err(err) => {
+                round.retry.push((index, message));
+                round.error.get_or_insert(err);
+            }
+        }
+    }
+    round.retry.sort_by_key(|(index, _)| *index);
+    round
+}
+
+fn properties(message: &OutgoingMessage) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    for (key, value) in &message.attributes {
+        headers
+            .insert(ShortString::from(key.as_str()), AMQPValue::LongString(LongString::from(value.as_str())));
+    }
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(ShortString::from("application/json"))
+        .with_message_id(ShortString::from(message.id.as_str()))
+        .with_headers(headers)
+}
+
+fn attributes_of(properties: &BasicProperties) -> Attributes {
+    let mut attributes = Attributes::new();
+    let Some(headers) = properties.headers() else { return attributes };
+    for (key, value) in headers {
+        let text = match value {
+            AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+            AMQPValue::ShortString(s) => s.as_str().to_string(),
+            other => match integer_of(other) {
+                Some(n) => n.to_string(),
+                None => continue,
+            },
+        };
+        attributes.insert(key.as_str().to_string(), text);
+    }
+    attributes
+}
+
+fn integer_of(value: &AMQPValue) -> Option<i64> {
+    Some(match value {
+        AMQPValue::ShortShortInt(n) => i64::from(*n),
+        AMQPValue::ShortShortUInt(n) => i64::from(*n),
+        AMQPValue::ShortInt(n) => i64::from(*n),
+        AMQPValue::ShortUInt(n) => i64::from(*n),
+        AMQPValue::LongInt(n) => i64::from(*n),
+        AMQPValue::LongUInt(n) => i64::from(*n),
+        AMQPValue::LongLongInt(n) => *n,
+        _ => return None,
+    })
+}
+
+/// The RabbitMQ transport.
+pub struct RabbitMqTransport {
+    config: RabbitMqConfig,
+    publisher: Arc<Publisher>,
+    admin: Mutex<Option<Connection>>,
+}
+
+impl RabbitMqTransport {
+    /// Connects the admin connection once, so a wrong URL fails here rather than later.
+    pub async fn connect(config: RabbitMqConfig) -> Result<Self> {
+        let admin = connect(&config, "admin").await?;
+        info!(url = %config.redacted_url(), "connected to RabbitMQ");
+        Ok(Self {
+            publisher: Arc::new(Publisher { config: config.clone(), channel: Mutex::new(None) }),
+            config,
+            admin: Mutex::new(Some(admin)),
+        })
+    }
+
+    /// A fresh channel for one topology operation: a failed declare closes its channel, so
+    /// channels are not reused between operations.
+    async fn admin_channel(&self) -> Result<Channel> {
+        let mut admin = self.admin.lock().await;
+        if !admin.as_ref().is_some_and(|c| c.status().connected()) {
+            let deadline = Instant::now() + self.config.publish_timeout;
+            *admin = Some(connect_with_backoff(&self.config, "admin", deadline).await?);
+        }
+        let connection =
+            admin.as_ref().ok_or_else(|| TransportError::Config("admin connection missing".into()))?;
+        connection.create_channel().await.map_err(|e| op_error("channel.open", "admin", &e))
+    }
+}
+
+fn quorum_queue_arguments(spec: &QueueSpec) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(dead_letter_queue_name(&spec.name).as_str().into()),
+    );
+    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(spec.max_receive_count)));
+    args
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions { durable: true, ..Default::default() }
+}
+
+#[async_trait]
+impl Transport for RabbitMqTransport {
+    fn kind(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    async fn declare_topic(&self, topic: &str) -> Result<()> {
+        let channel = self.admin_channel().await?;
+        let options = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        channel
+            .exchange_declare(topic.into(), ExchangeKind::Topic, options, FieldTable::default())
+            .await
+            .map_err(|e| op_error("exchange.declare", topic, &e))?;
+        let _ = channel.close(200, "done".into()).await;
+        Ok(())
+    }
+
+    async fn declare_queue(&self, spec: &QueueSpec) -> Result<()> {
+        let channel = self.admin_channel().await?;
+        let dlq = dead_letter_queue_name(&spec.name);
+        let mut dlq_args = FieldTable::default();
+        dlq_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        channel
+            .queue_declare(dlq.as_str().into(), durable(), dlq_args)
+            .await
+            .map_err(|e| op_error("queue.declare", &dlq, &e))?;
+        channel
+            .queue_declare(spec.name.as_str().into(), durable(), quorum_queue_arguments(spec))
+            .await
+            .map_err(|e| op_error("queue.declare", &spec.name, &e))?;
+        let _ = channel.close(200, "done".into()).await;
+        Ok(())
+    }
+
+    async fn bind(&self, topic: &str, queue: &str, filter: &Filter) -> Result<()> {
+        let channel = self.admin_channel().await?;
+        for pattern in &filter.patterns {
+            // `*` alone means every type; `#` matches any number of words.
+            let key = if pattern == "*" { "#" } else { pattern.as_str() };
+            channel
+                .queue_bind(
+                    queue.into(),
+                    topic.into(),
+                    key.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| op_error("queue.bind", &format!("{queue} <- {topic} ({key})"), &e))?;
+        }
+        let _ = channel.close(200, "done".into()).await;
+        Ok(())
+    }
+
+    async fn delete_queue(&self, queue: &str) -> Result<()> {
+        for name in [queue.to_string(), dead_letter_queue_name(queue)] {
+            let channel = self.admin_channel().await?;
+            channel
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(|e| op_error("queue.delete", &name, &e))?;
+            let _ = channel.close(200, "done".into()).await;
+        }
+        Ok(())
+    }
+
+    async fn delete_topic(&self, topic: &str) -> Result<()> {
+        let channel = self.admin_channel().await?;
+        channel
+            .exchange_delete(topic.into(), ExchangeDeleteOptions::default())
+            .await
+            .map_err(|e| op_error("exchange.delete", topic, &e))?;
+        let _ = channel.close(200, "done".into()).await;
+        Ok(())
+    }
+
+    async fn publish_batch(&self, destination: &Destination, messages: Vec<OutgoingMessage>) -> Result<()> {
+        self.publisher.publish(destination, messages).await
+    }
+
+    async fn subscribe(&self, queue: &str, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
+        let mut subscription = RabbitSubscription {
+            config: self.config.clone(),
+            publisher: self.publisher.clone(),
+            queue: queue.to_string(),
+            prefetch: options.prefetch.max(1),
+            live: None,
+            delays: backoff(&self.config),
+        };
+        // Open now so a missing queue or bad credentials fail here, not on the first poll.
+        subscription.live = Some(subscription.open().await?);
+        Ok(Box::new(subscription))
+    }
+
+    async fn queue_depth(&self, queue: &str) -> Result<QueueDepth> {
+        let channel = self.admin_channel().await?;
+        let options = QueueDeclareOptions { passive: true, ..Default::default() };
+        let declared = channel
+            .queue_declare(queue.into(), options, FieldTable::default())
+            .await
+            .map_err(|e| op_error("queue.declare(passive)", queue, &e))?;
+        let _ = channel.close(200, "done".into()).await;
+        // AMQP reports only ready messages; unacked ones are visible in the management API.
+        Ok(QueueDepth { ready: u64::from(declared.message_count()), in_flight: 0 })
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.publisher.close().await;
+        if let Some(admin) = self.admin.lock().await.take() {
+            let _ = admin.close(200, "resync shutting down".into()).await;
+        }
+        Ok(())
+    }
+}
+
+struct LiveConsumer {
+    connection: Connection,
+    channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+struct RabbitSubscription {
+    config: RabbitMqConfig,
+    publisher: Arc<Publisher>,
+    queue: String,
+    prefetch: u16,
+    live: Option<LiveConsumer>,
+    delays: ExponentialBackoff,
+}
+
+impl RabbitSubscription {
+    async fn open(&self) -> Result<LiveConsumer> {
+        let role = format!("consumer/{}", self.queue);
+        let connection = connect(&self.config, &role).await?;
+        let channel =
+            connection.create_channel().await.map_err(|e| op_error("channel.open", &self.queue, &e))?;
+        channel
+            .basic_qos(self.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| op_error("basic.qos", &self.queue, &e))?;
+        let consumer = channel
+            .basic_consume(
+                self.queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| op_error("basic.consume", &self.queue, &e))?;
+        debug!(queue = %self.queue, "consuming");
+        Ok(LiveConsumer { connection, channel, consumer })
+    }
+
+    /// Makes sure a consumer is running; on a transient failure waits one backoff step (but
+    /// not past `deadline`) and returns `Ok(false)`.
+    async fn ensure_open(&mut self, deadline: Instant) -> Result<bool> {
+        if self.live.is_some() {
+            return Ok(true);
+        }
+        match self.open().await {
+            Ok(live) => {
+                info!(queue = %self.queue, "RabbitMQ consumer (re)connected");
+                self.live = Some(live);
+                self.delays = backoff(&self.config);
+                Ok(true)
+            }
+            Err(err @ (TransportError::NotFound(_) | TransportError::Config(_))) => Err(err),
+            Err(err) => {
+                let delay = self.delays.next().unwrap_or(self.config.max_reconnect_backoff);
+                warn!(queue = %self.queue, error = %err, retry_in = ?delay, "RabbitMQ consumer cannot connect; retrying");
+                tokio::time::sleep_until(deadline.min(Instant::now() + delay)).await;
+                Ok(false)
+            }
+        }
+    }
+
+    fn delivery(&self, d: lapin::message::Delivery) -> Delivery {
+        let attributes = attributes_of(&d.properties);
+        // Quorum queues count earlier failed deliveries in `x-delivery-count`.
+        let receive_count =
+            match d.properties.headers().as_ref().and_then(|h| h.inner().get("x-delivery-count")) {
+                Some(count) => integer_of(count).map_or(1, |n| u32::try_from(n).unwrap_or(u32::MAX - 1) + 1),
+                None if d.redelivered => 2,
+                None => 1,
+            };
+        let settle =
+            AmqpSettle { acker: Some(d.acker), publisher: self.publisher.clone(), queue: self.queue.clone() };
+        Delivery::new(Bytes::from(d.data), attributes, receive_count, self.queue.clone(), Box::new(settle))
+    }
+}
+
+#[async_trait]
+impl Subscription for RabbitSubscription {
+    async fn next_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if !self.ensure_open(deadline).await? {
+                if Instant::now() >= deadline {
+                    return Ok(Vec::new());
+                }
+                continue;
+            }
+            let Some(live) = self.live.as_mut() else { continue };
+            let first = match tokio::time::timeout_at(deadline, live.consumer.next()).await {
+                Err(_) => return Ok(Vec::new()),
+                Ok(Some(Ok(delivery))) => delivery,
+                Ok(Some(Err(err))) => {
+                    warn!(queue = %self.queue, error = %err, "RabbitMQ consumer lost its connection; reconnecting");
+                    self.live = None;
+                    continue;
+                }
+                Ok(None) => {
+                    warn!(queue = %self.queue, "RabbitMQ cancelled the consumer (queue deleted?); reopening");
+                    self.live = None;
+                    continue;
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < max {
+                match live.consumer.next().now_or_never() {
+                    Some(Some(Ok(delivery))) => batch.push(delivery),
+                    _ => break,
+                }
+            }
+            return Ok(batch.into_iter().map(|d| self.delivery(d)).collect());
+        }
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        if let Some(live) = self.live.take() {
+            let tag = live.consumer.tag();
+            let _ = live.channel.basic_cancel(tag, BasicCancelOptions::default()).await;
+            // Closing the channel returns prefetched, unacked messages to the queue.
+            let _ = live.channel.close(200, "subscription closed".into()).await;
+            let _ = live.connection.close(200, "subscription closed".into()).await;
+        }
+        Ok(())
+    }
+}
+
+struct AmqpSettle {
+    /// `Some` until settled; a drop with `Some` requeues.
+    acker: Option<lapin::Acker>,
+    publisher: Arc<Publisher>,
+    queue: String,
+}
+
+fn settled(result: lapin::Result<bool>) -> Result<()> {
+    match result {
+        Ok(true) => Ok(()),
+        // false: the channel is gone; the broker redelivers the message.
+        Ok(false) | Err(_) => Err(TransportError::DeliveryLost),
+    }
+}
+
+#[async_trait]
+impl Settle for AmqpSettle {
+    async fn ack(&mut self) -> Result<()> {
+        let Some(acker) = self.acker.take() else { return Ok(()) };
+        settled(acker.ack(BasicAckOptions::default()).await)
+    }
+
+    async fn nack(&mut self, _delay: Duration) -> Result<()> {
+        let Some(acker) = self.acker.take() else { return Ok(()) };
+        settled(acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await)
+    }
+
+    async fn dead_letter(&mut self, body: &Bytes, attributes: Attributes) -> Result<()> {
+        let dlq = dead_letter_queue_name(&self.queue);
+        let message =
+            OutgoingMessage { body: body.clone(), attributes, routing_key: dlq.clone(), id: String::new() };
+        // Publish first, ack second: a crash in between leaves a duplicate, never a loss.
+        self.publisher.publish(&Destination::Queue(dlq), vec![message]).await?;
+        self.ack().await
+    }
+}
+
+impl Drop for AmqpSettle {
+    fn drop(&mut self) {
+        let Some(acker) = self.acker.take() else { return };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        assert_eq!(redact_password("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
+        assert_eq!(redact_password("amqp://host:5672"), "amqp://host:5672");
+    }
+}

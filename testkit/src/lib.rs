@@ -1,0 +1,66 @@
+//! Test support shared by resync's crates.
+//!
+//! Owns: where the local services are (from the same env vars the binaries read, with the
+//! defaults `scripts/services-up` starts), unique names so tests can run in parallel on shared
+//! brokers, and the one failure message that tells a developer how to start a missing service.
+//! Does not own: connecting to anything. Each crate connects with its own client and calls
+//! [`service_unreachable`] when it cannot, so a missing service fails the test loudly.
+
+use std::fmt::Display;
+
+/// A local service a test may need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Postgres,
+    Redis,
+    RabbitMq,
+    SnsSqs,
+}
+
+impl Service {
+    /// The env var that overrides the service's address, and the local default.
+    pub fn env_and_default(self) -> (&'static str, &'static str) {
+        match self {
+            Service::Postgres => ("RESYNC_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test"),
+            Service::Redis => ("RESYNC_REDIS_URL", "redis://127.0.0.1:6379"),
+            Service::RabbitMq => ("RESYNC_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+            Service::SnsSqs => ("AWS_ENDPOINT_URL", "http://127.0.0.1:4566"),
+        }
+    }
+
+    /// The address tests use: the env var if set, else the local default.
+    pub fn url(self) -> String {
+        let (var, default) = self.env_and_default();
+        std::env::var(var).unwrap_or_else(|_| default.to_string())
+    }
+
+    fn start_hint(self) -> &'static str {
+        match self {
+            Service::Postgres => "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+            Service::Redis => {
+                "redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no"
+            }
+            Service::RabbitMq => "rabbitmq-server -detached",
+            Service::SnsSqs => "scripts/services-up (installs moto[server] and starts it on :4566)",
+        }
+    }
+}
+
+/// Fails the calling test with a message that names the service, the address tried, the error,
+/// and the command that starts it. Tests never skip when a service is missing.
+pub fn service_unreachable(service: Service, err: impl Display) -> ! {
+    let (var, _) = service.env_and_default();
+    panic!(
+        "{service:?} is not reachable at {url} ({var}): {err}\n\
+         Start all local services with `scripts/services-up`, or this one with:\n    {hint}",
+        url = service.url(),
+        hint = service.start_hint(),
+    )
+}
+
+/// A name no other test (or earlier run) uses: `<prefix>-<8 hex chars of a v4 uuid>`.
+/// Only characters valid in SQS, SNS, AMQP, Redis and Postgres identifiers after quoting.
+pub fn unique_name(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}-{}", &id[..12])
+}
