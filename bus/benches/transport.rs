@@ -16,10 +16,10 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use resync_bus::{
-    Destination, Envelope, OutgoingMessage, QueueSpec, RabbitMqConfig, RabbitMqTransport,
-    SubscribeOptions, Transport,
+    Destination, Envelope, OutgoingMessage, QueueSpec, RabbitMqConfig, RabbitMqTransport, SubscribeOptions,
+    Transport,
 };
-use resync_testkit::{service_unreachable, unique_name, Service};
+use resync_testkit::{Service, service_unreachable, unique_name};
 
 const BATCH: usize = 100;
 const PREFETCH: u16 = 100;
@@ -66,7 +66,11 @@ async fn raw_consume(channel: &lapin::Channel, queue: &str, n: usize) -> Duratio
     start.elapsed()
 }
 
-async fn resync_publish(transport: &RabbitMqTransport, queue: &str, messages: &[OutgoingMessage]) -> Duration {
+async fn resync_publish(
+    transport: &RabbitMqTransport,
+    queue: &str,
+    messages: &[OutgoingMessage],
+) -> Duration {
     let destination = Destination::Queue(queue.to_string());
     let start = Instant::now();
     for batch in messages.chunks(BATCH) {
@@ -115,7 +119,10 @@ async fn main() {
     transport.declare_queue(&QueueSpec::new(&resync_queue)).await.expect("declare");
 
     let payload = messages(n);
-    println!("RabbitMQ transport vs raw lapin: {n} messages of {} bytes, quorum queues", payload[0].body.len());
+    println!(
+        "RabbitMQ transport vs raw lapin: {n} messages of {} bytes, quorum queues",
+        payload[0].body.len()
+    );
     // Interleave: raw, resync, raw, resync — so neither side gets a warmer broker.
     let raw_pub = raw_publish(&channel, &raw_queue, &payload).await;
     let resync_pub = resync_publish(&transport, &resync_queue, &payload).await;
@@ -123,7 +130,10 @@ async fn main() {
     let resync_con = resync_consume(&transport, &resync_queue, n).await;
 
     println!("{:<28} {:>12} {:>12} {:>8}", "", "raw msg/s", "resync msg/s", "ratio");
-    for (what, raw, ours) in [("publish (confirms, batch 100)", raw_pub, resync_pub), ("consume + ack (prefetch 100)", raw_con, resync_con)] {
+    for (what, raw, ours) in [
+        ("publish (confirms, batch 100)", raw_pub, resync_pub),
+        ("consume + ack (prefetch 100)", raw_con, resync_con),
+    ] {
         let (r, o) = (rate(n, raw), rate(n, ours));
         println!("{what:<28} {r:>12.0} {o:>12.0} {:>7.0}%", 100.0 * o / r);
     }

@@ -33,6 +33,7 @@
 
 pub mod config;
 pub mod envelope;
+pub mod naming;
 pub mod transport;
 
 pub use config::TransportConfig;

@@ -3,10 +3,13 @@
 //! Owns: where the local services are (from the same env vars the binaries read, with the
 //! defaults `scripts/services-up` starts), unique names so tests can run in parallel on shared
 //! brokers, and the one failure message that tells a developer how to start a missing service.
-//! Does not own: connecting to anything. Each crate connects with its own client and calls
+//! [`proxy::TcpProxy`] simulates a service outage for one test without stopping the shared
+//! service. Does not own: connecting to anything. Each crate connects with its own client and calls
 //! [`service_unreachable`] when it cannot, so a missing service fails the test loudly.
 
 use std::fmt::Display;
+
+pub mod proxy;
 
 /// A local service a test may need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +29,20 @@ impl Service {
             Service::RabbitMq => ("RESYNC_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
             Service::SnsSqs => ("AWS_ENDPOINT_URL", "http://127.0.0.1:4566"),
         }
+    }
+
+    /// The `host:port` of the service's address.
+    pub fn socket_addr(self) -> std::net::SocketAddr {
+        use std::net::ToSocketAddrs;
+        let url = self.url();
+        let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+        let hostpart = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+        let authority = hostpart.split('/').next().unwrap_or(hostpart);
+        authority
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .unwrap_or_else(|| panic!("{self:?} address `{authority}` does not resolve"))
     }
 
     /// The address tests use: the env var if set, else the local default.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use resync_testkit::unique_name;
 
-use crate::support::{entity_of, message, rabbitmq_named, with_topology, Topology};
+use crate::support::{Topology, entity_of, message, rabbitmq_named, with_topology};
 
 /// Closes every connection whose client-provided name starts with `prefix`; returns the
 /// provided names of the connections it closed.
@@ -18,7 +18,11 @@ async fn close_connections_named(prefix: String) -> Vec<String> {
             .args(["list_connections", "-s", "pid", "client_properties"])
             .output()
             .expect("run rabbitmqctl (it ships with rabbitmq-server)");
-        assert!(listed.status.success(), "rabbitmqctl list_connections: {}", String::from_utf8_lossy(&listed.stderr));
+        assert!(
+            listed.status.success(),
+            "rabbitmqctl list_connections: {}",
+            String::from_utf8_lossy(&listed.stderr)
+        );
         let mut closed = Vec::new();
         for line in String::from_utf8_lossy(&listed.stdout).lines() {
             let Some(start) = line.find(&prefix) else { continue };
@@ -69,7 +73,8 @@ async fn killing_connections_mid_stream_loses_none_of_10000_messages() {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
         while received.len() < TOTAL {
             assert!(tokio::time::Instant::now() < deadline, "only {} of {TOTAL} arrived", received.len());
-            for delivery in subscription.next_batch(BATCH, Duration::from_secs(1)).await.expect("next_batch") {
+            for delivery in subscription.next_batch(BATCH, Duration::from_secs(1)).await.expect("next_batch")
+            {
                 received.insert(entity_of(&delivery));
                 // After the kill, acks on the dead channel fail; the broker redelivers those.
                 let _ = delivery.ack().await;

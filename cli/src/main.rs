@@ -1,0 +1,164 @@
+//! `resync`: the command-line entry point. Parses arguments, builds configuration from flags
+//! and env vars, and calls the library crates; no logic of its own beyond wiring.
+
+mod serve;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use resync_bus::{Stream, TransportConfig};
+use resync_producer::{Relay, RelayConfig, RelayStatus, ReplayRequest, ReplayTarget, Schema};
+
+/// resync keeps third-party systems in sync with your data through event streams on
+/// RabbitMQ or SNS/SQS.
+///
+/// Connection settings come from env vars: RESYNC_DATABASE_URL, RESYNC_TRANSPORT
+/// (rabbitmq | sns-sqs), RESYNC_AMQP_URL, AWS_ENDPOINT_URL, AWS_REGION, RESYNC_SCHEMA.
+#[derive(Parser)]
+#[command(name = "resync", version, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Common {
+    /// Postgres holding the outbox and resync's state.
+    #[arg(
+        long,
+        global = true,
+        env = "RESYNC_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test",
+        hide_env_values = true
+    )]
+    database_url: String,
+    /// The Postgres schema resync's tables live in.
+    #[arg(long, global = true, env = "RESYNC_SCHEMA", default_value = "resync")]
+    schema: String,
+    /// Prefix of every topic and queue name (an environment or tenant), as given to `fare`.
+    #[arg(long, global = true, env = "RESYNC_NAMESPACE")]
+    namespace: Option<String>,
+    /// The broker: rabbitmq or sns-sqs (endpoints from RESYNC_AMQP_URL / AWS_ENDPOINT_URL).
+    #[arg(long, global = true, env = "RESYNC_TRANSPORT", default_value = "rabbitmq")]
+    transport: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or upgrade resync's schema in Postgres (idempotent; safe to run concurrently).
+    Migrate,
+    /// Publish committed outbox events to the broker, in order, with broker confirms.
+    ///
+    /// Run two or more for availability: one leads, the others stand by and take over within
+    /// seconds if it dies. Stops cleanly on SIGTERM after the batch in flight.
+    Relay(RelayArgs),
+    /// Republish a range of the event log, to every subscriber or to one service.
+    Replay(ReplayArgs),
+    /// Maintain the outbox / event log.
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
+}
+
+#[derive(Args)]
+struct RelayArgs {
+    /// Where to serve /metrics, /healthz and /readyz.
+    #[arg(long, env = "RESYNC_LISTEN", default_value = "0.0.0.0:9464")]
+    listen: SocketAddr,
+    /// Most events read and published per round.
+    #[arg(long, default_value_t = 500)]
+    batch_size: i64,
+    /// Fallback poll interval when no NOTIFY arrives, e.g. 500ms.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    poll_interval: Duration,
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// First sequence number of the log to replay (inclusive).
+    #[arg(long)]
+    from: i64,
+    /// Last sequence number (inclusive); default: the end of the log.
+    #[arg(long)]
+    to: Option<i64>,
+    /// Only events of this entity type.
+    #[arg(long)]
+    entity_type: Option<String>,
+    /// Send only to this service's live queue instead of to every subscriber.
+    #[arg(long)]
+    to_service: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// Delete published events older than a duration from the log (never unpublished ones).
+    Prune {
+        /// e.g. 7d, 36h, 30min.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Duration,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    serve::init_logging();
+    let cli = Cli::parse();
+    let schema = Schema::new(cli.common.schema.clone()).context("--schema / RESYNC_SCHEMA")?;
+    match cli.command {
+        Command::Migrate => {
+            resync_migrations::migrate(&cli.common.database_url, &schema).await?;
+            println!("schema `{schema}` is up to date");
+        }
+        Command::Relay(args) => relay(&cli.common, schema, args).await?,
+        Command::Replay(args) => {
+            let sent = replay(&cli.common, &schema, args).await?;
+            println!("replayed {sent} events");
+        }
+        Command::Outbox { command: OutboxCommand::Prune { older_than } } => {
+            let pool =
+                sqlx::PgPool::connect(&cli.common.database_url).await.context("connecting to Postgres")?;
+            let deleted = resync_producer::prune(&pool, &schema, older_than).await?;
+            println!("pruned {deleted} events older than {}", humantime::format_duration(older_than));
+        }
+    }
+    Ok(())
+}
+
+async fn relay(common: &Common, schema: Schema, args: RelayArgs) -> Result<()> {
+    let transport = TransportConfig::named(&common.transport)?.connect().await?;
+    let mut config = RelayConfig::new(schema);
+    config.namespace = common.namespace.clone();
+    config.batch_size = args.batch_size;
+    config.poll_interval = args.poll_interval;
+    let relay = Relay::new(common.database_url.clone(), transport.clone(), config);
+    let shutdown = serve::shutdown_on_signals();
+    let status = relay.status();
+    let ready = Arc::new(move || matches!(*status.borrow(), RelayStatus::Leader | RelayStatus::Standby));
+    serve::serve_health(args.listen, ready, shutdown.clone()).await?;
+    relay.run(shutdown).await;
+    transport.close().await?;
+    Ok(())
+}
+
+async fn replay(common: &Common, schema: &Schema, args: ReplayArgs) -> Result<u64> {
+    let pool = sqlx::PgPool::connect(&common.database_url).await.context("connecting to Postgres")?;
+    let transport = TransportConfig::named(&common.transport)?.connect().await?;
+    let target = match &args.to_service {
+        Some(service) => ReplayTarget::Queue(resync_bus::naming::queue_name(
+            common.namespace.as_deref(),
+            service,
+            Stream::Live,
+        )),
+        None => ReplayTarget::AllSubscribers { namespace: common.namespace.clone() },
+    };
+    let request = ReplayRequest { from: args.from, to: args.to, entity_type: args.entity_type, target };
+    let sent = resync_producer::replay(&pool, schema, &transport, &request).await?;
+    transport.close().await?;
+    Ok(sent)
+}

@@ -1,0 +1,3 @@
+//! The `resync` binary end to end: real processes, real signals, real services.
+
+mod relay;

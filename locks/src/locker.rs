@@ -1,0 +1,246 @@
+//! [`Locker`]: the connection to Redis and the acquisition paths.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, ConnectionAddr, RedisResult};
+use tokio::time::{Instant, sleep, timeout};
+use tracing::{debug, instrument};
+
+use crate::guard::LockGuard;
+use crate::scripts::Scripts;
+use crate::{LockConfig, LockError};
+
+/// Takes locks on one Redis. Cheap to clone; clones share one multiplexed connection that
+/// reconnects by itself after Redis comes back.
+#[derive(Clone)]
+pub struct Locker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    config: LockConfig,
+    scripts: Scripts,
+}
+
+impl std::fmt::Debug for Locker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Locker").field("config", &self.inner.config).finish_non_exhaustive()
+    }
+}
+
+/// A successful acquisition, before it is wrapped in a guard.
+pub(crate) struct Acquired {
+    pub(crate) token: String,
+    pub(crate) fence: u64,
+    /// When the lease ends at the latest, measured from before the request was sent.
+    pub(crate) valid_until: Instant,
+}
+
+impl Locker {
+    /// Connects to `url` (`redis://` or `rediss://` for TLS; a password in the URL is used
+    /// for `AUTH`) and checks that the server answers, within `config.op_timeout`.
+    pub async fn connect(url: &str, config: LockConfig) -> Result<Self, LockError> {
+        config.validate()?;
+        let connect_error = |reason: String| LockError::Connect { url: redact(url), reason };
+        let client = Client::open(url).map_err(|e| connect_error(e.to_string()))?;
+        if matches!(client.get_connection_info().addr(), ConnectionAddr::TcpTls { .. }) {
+            install_tls_provider();
+        }
+        let conn =
+            timeout(config.op_timeout, ConnectionManager::new_with_config(client, manager_config(&config)))
+                .await
+                .map_err(|_| connect_error(format!("no answer within {:?}", config.op_timeout)))?
+                .map_err(|e| connect_error(e.to_string()))?;
+        let inner = Inner { conn, config, scripts: Scripts::new() };
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// The timing this locker was built with.
+    pub fn config(&self) -> &LockConfig {
+        &self.inner.config
+    }
+
+    /// One attempt: the lock if `key` is free, `None` if someone holds it.
+    #[instrument(level = "debug", skip(self), err(level = "debug"))]
+    pub async fn try_acquire(&self, key: &str) -> Result<Option<LockGuard>, LockError> {
+        let acquired = self.try_acquire_raw(key).await?;
+        Ok(acquired.map(|acquired| LockGuard::start(self.clone(), key, acquired)))
+    }
+
+    /// Waits up to `config.acquire_timeout` for `key`; see [`Locker::acquire_within`].
+    pub async fn acquire(&self, key: &str) -> Result<LockGuard, LockError> {
+        self.acquire_within(key, self.inner.config.acquire_timeout).await
+    }
+
+    /// Retries `key` with jittered exponential backoff until it is free or `wait` has passed.
+    ///
+    /// Returns [`LockError::Timeout`] if the key stayed busy, or the last Redis error if Redis
+    /// was unreachable at the end. Returns within `wait + op_timeout`.
+    #[instrument(level = "debug", skip(self), err(level = "debug"))]
+    pub async fn acquire_within(&self, key: &str, wait: Duration) -> Result<LockGuard, LockError> {
+        let started = Instant::now();
+        let mut backoff = Backoff::new(self.inner.config.retry_min, self.inner.config.retry_max);
+        loop {
+            let last_error = match self.try_acquire(key).await {
+                Ok(Some(guard)) => return Ok(guard),
+                Ok(None) => None,
+                // Redis being away is worth waiting out like a busy key.
+                Err(e) if e.is_transient() => Some(e),
+                Err(e) => return Err(e),
+            };
+            let waited = started.elapsed();
+            let Some(left) = wait.checked_sub(waited).filter(|left| !left.is_zero()) else {
+                return Err(last_error.unwrap_or(LockError::Timeout { key: key.to_owned(), waited }));
+            };
+            sleep(backoff.next_delay().min(left)).await;
+        }
+    }
+
+    pub(crate) async fn try_acquire_raw(&self, key: &str) -> Result<Option<Acquired>, LockError> {
+        let config = &self.inner.config;
+        let token = uuid::Uuid::now_v7().simple().to_string();
+        let sent_at = Instant::now();
+        let mut conn = self.inner.conn.clone();
+        let mut invocation = self.inner.scripts.acquire.key(key);
+        invocation.key(fence_key(key)).arg(&token).arg(millis(config.lease)).arg(millis(config.fence_ttl));
+        let result: Result<u64, LockError> =
+            self.bounded("acquire", key, invocation.invoke_async(&mut conn)).await;
+        match result {
+            Ok(0) => Ok(None),
+            Ok(fence) => {
+                debug!(key, fence, "lock acquired");
+                Ok(Some(Acquired { token, fence, valid_until: sent_at + config.lease }))
+            }
+            Err(e) => {
+                self.forget_ambiguous_acquire(key, &token, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// After a lost reply the script may still have run and taken the lock for a token
+    /// nobody will use; delete it in the background rather than block the key for a lease.
+    fn forget_ambiguous_acquire(&self, key: &str, token: &str, err: &LockError) {
+        if !err.is_transient() {
+            return;
+        }
+        let (locker, key, token) = (self.clone(), key.to_owned(), token.to_owned());
+        tokio::spawn(async move {
+            // Best effort: if Redis is still away this fails and the lease expires on its own.
+            let _ = locker.release_token(&key, &token).await;
+        });
+    }
+
+    /// Compare-and-extend. `Ok(false)` means `token` no longer owns `key`.
+    pub(crate) async fn renew_token(&self, key: &str, token: &str) -> Result<bool, LockError> {
+        let mut conn = self.inner.conn.clone();
+        let mut invocation = self.inner.scripts.renew.key(key);
+        invocation.arg(token).arg(millis(self.inner.config.lease));
+        let extended: i64 = self.bounded("renew", key, invocation.invoke_async(&mut conn)).await?;
+        Ok(extended == 1)
+    }
+
+    /// Compare-and-delete. `Ok(false)` means `token` did not own `key` (any more).
+    pub(crate) async fn release_token(&self, key: &str, token: &str) -> Result<bool, LockError> {
+        let mut conn = self.inner.conn.clone();
+        let mut invocation = self.inner.scripts.release.key(key);
+        invocation.arg(token);
+        let deleted: i64 = self.bounded("release", key, invocation.invoke_async(&mut conn)).await?;
+        Ok(deleted == 1)
+    }
+
+    /// Every Redis call goes through here, so none can wait longer than `op_timeout`.
+    async fn bounded<T>(
+        &self,
+        op: &'static str,
+        key: &str,
+        call: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, LockError> {
+        let limit = self.inner.config.op_timeout;
+        match timeout(limit, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(LockError::from_redis(op, key, e)),
+            Err(_) => Err(LockError::NoReply { op, key: key.to_owned(), limit }),
+        }
+    }
+}
+
+/// The companion key holding the last fencing token of `key`.
+pub(crate) fn fence_key(key: &str) -> String {
+    format!("{key}:fence")
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The connection manager's own timeouts match ours, and its reconnect attempts stay short
+/// so a returning Redis is noticed within about a second.
+fn manager_config(config: &LockConfig) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.op_timeout))
+        .set_response_timeout(Some(config.op_timeout))
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_secs(1))
+        .set_number_of_retries(3)
+}
+
+/// redis' rustls support ships no crypto provider; install the one the workspace builds
+/// unless the application already installed its own (then `install_default` fails, harmlessly).
+fn install_tls_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// The URL without its password, for error messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***{}", &url[..scheme_end], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Full-jitter exponential backoff: spreads contenders out so they do not retry in lockstep.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Self { next: min, max }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let ceiling = self.next;
+        self.next = (self.next * 2).min(self.max);
+        rand::rng().random_range(Duration::ZERO..=ceiling)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_hides_the_password_only() {
+        assert_eq!(redact("rediss://:s3cret@cache:6380/0"), "rediss://***@cache:6380/0");
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+
+    #[test]
+    fn backoff_stays_within_its_ceiling() {
+        let max = Duration::from_millis(40);
+        let mut backoff = Backoff::new(Duration::from_millis(5), max);
+        for _ in 0..20 {
+            assert!(backoff.next_delay() <= max);
+        }
+        assert_eq!(backoff.next, max);
+    }
+}

@@ -1,0 +1,233 @@
+//! Shared test plumbing: connections, a private redis-server, re-running this binary as a
+//! worker process, and bounded waits.
+
+use std::future::Future;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use resync_locks::{LockConfig, Locker};
+use resync_testkit::{Service, service_unreachable};
+use tokio::time::Instant;
+
+/// Timing for tests that do not exercise expiry: leases far longer than any test step.
+pub(crate) fn calm_config() -> LockConfig {
+    LockConfig {
+        lease: Duration::from_secs(30),
+        renew_every: Duration::from_secs(10),
+        acquire_timeout: Duration::from_secs(30),
+        op_timeout: Duration::from_secs(5),
+        // Fence counters of test keys need not outlive the test run by a day.
+        fence_ttl: Duration::from_secs(600),
+        ..LockConfig::default()
+    }
+}
+
+/// A locker on the shared Redis; fails the test loudly if Redis is not there.
+pub(crate) async fn locker(config: LockConfig) -> Locker {
+    match Locker::connect(&Service::Redis.url(), config).await {
+        Ok(locker) => locker,
+        Err(e) => service_unreachable(Service::Redis, e),
+    }
+}
+
+/// A plain connection to the shared Redis, for inspecting and tampering with keys.
+pub(crate) async fn raw() -> MultiplexedConnection {
+    let connect = async {
+        let client = redis::Client::open(Service::Redis.url())?;
+        client.get_multiplexed_async_connection().await
+    };
+    match connect.await {
+        Ok(conn) => conn,
+        Err(e) => service_unreachable(Service::Redis, e),
+    }
+}
+
+pub(crate) async fn pttl(conn: &mut MultiplexedConnection, key: &str) -> i64 {
+    redis::cmd("PTTL").arg(key).query_async(conn).await.expect("PTTL")
+}
+
+pub(crate) async fn get(conn: &mut MultiplexedConnection, key: &str) -> Option<String> {
+    redis::cmd("GET").arg(key).query_async(conn).await.expect("GET")
+}
+
+/// Fails the test if `fut` has not finished within `limit`: a hang guard, not a timing claim.
+pub(crate) async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(value) => value,
+        Err(_) => panic!("{what}: still waiting after {limit:?} (hang)"),
+    }
+}
+
+/// Polls `condition` until it holds; fails the test after `limit`.
+pub(crate) async fn eventually<F, Fut>(limit: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    poll_some(limit, what, || {
+        let check = condition();
+        async move { check.await.then_some(()) }
+    })
+    .await
+}
+
+/// Polls `attempt` until it yields a value; fails the test after `limit`.
+pub(crate) async fn poll_some<T, F, Fut>(limit: Duration, what: &str, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = attempt().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: not true after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A port nobody listens on right now.
+pub(crate) fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// A redis-server owned by one test, on its own port, so the test may kill it.
+pub(crate) struct OwnRedis {
+    port: u16,
+    /// Serve TLS only (on `port`) instead of plain TCP.
+    tls: bool,
+    /// Appended to the command line (certificates, password).
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    /// Plain TCP, no persistence: a restart loses every key, like a crashed cache node.
+    pub(crate) async fn start() -> Self {
+        Self::launch_new(false, Vec::new()).await
+    }
+
+    /// TLS only; `extra` must name the certificate files (and may set a password).
+    pub(crate) async fn start_tls(extra: Vec<String>) -> Self {
+        Self::launch_new(true, extra).await
+    }
+
+    async fn launch_new(tls: bool, extra: Vec<String>) -> Self {
+        let mut redis = Self { port: free_port(), tls, extra, child: None };
+        redis.launch().await;
+        redis
+    }
+
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: the server vanishes mid-connection, as in a crash.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub(crate) async fn restart(&mut self) {
+        self.kill();
+        self.launch().await;
+    }
+
+    async fn launch(&mut self) {
+        let port = self.port.to_string();
+        let mut command = Command::new("redis-server");
+        if self.tls {
+            command.args(["--port", "0", "--tls-port", &port]);
+        } else {
+            command.args(["--port", &port]);
+        }
+        command
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.extra)
+            .arg("--dir")
+            .arg(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let child =
+            command.spawn().unwrap_or_else(|e| panic!("cannot start redis-server (is it installed?): {e}"));
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        eventually(Duration::from_secs(10), "own redis-server listening", || {
+            let addr = addr.clone();
+            async move { TcpStream::connect(&addr).is_ok() }
+        })
+        .await;
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The name libtest knows a test in this binary by, from `module_path!()` and the fn name.
+pub(crate) fn test_name(module_path: &str, function: &str) -> String {
+    let module = module_path.split_once("::").map_or("", |(_, rest)| rest);
+    if module.is_empty() { function.to_owned() } else { format!("{module}::{function}") }
+}
+
+/// Runs one test of this very binary in a new process, with `env` set; the test reads the
+/// env to know it is the worker. Output is captured and shown if the worker fails.
+pub(crate) fn spawn_self(test: &str, env: &[(&str, &str)]) -> tokio::process::Child {
+    let exe = std::env::current_exe().expect("path of the test binary");
+    let mut command = tokio::process::Command::new(exe);
+    command
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.spawn().expect("re-run the test binary")
+}
+
+/// Waits for a worker started by [`spawn_self`]; fails with its output unless it passed.
+pub(crate) async fn expect_success(worker: tokio::process::Child, what: &str) {
+    let output = worker.wait_with_output().await.expect("wait for worker");
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+}
+
+/// A directory for one test's files, removed on drop.
+pub(crate) struct TempDir(PathBuf);
+
+impl TempDir {
+    pub(crate) fn new(prefix: &str) -> Self {
+        let path = std::env::temp_dir().join(resync_testkit::unique_name(prefix));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        Self(path)
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

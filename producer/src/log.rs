@@ -1,0 +1,133 @@
+//! The event log kept after publishing: replaying a range, and trimming old events.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use resync_bus::{Destination, OutgoingMessage, Transport, TransportError};
+use resync_migrations::Schema;
+use sqlx::PgPool;
+use tracing::info;
+
+use crate::relay::PendingRow;
+
+/// Where replayed events go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayTarget {
+    /// Their live topics: every subscriber gets them again.
+    AllSubscribers { namespace: Option<String> },
+    /// One queue (a service's live queue): only that service gets them.
+    Queue(String),
+}
+
+/// A range of the log to republish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayRequest {
+    /// First sequence number, inclusive.
+    pub from: i64,
+    /// Last sequence number, inclusive; `None` for the end of the log.
+    pub to: Option<i64>,
+    pub entity_type: Option<String>,
+    pub target: ReplayTarget,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("event log database error while {doing}: {source}")]
+    Database { doing: &'static str, source: sqlx::Error },
+    #[error("replaying events {first_seq}..={last_seq} failed: {source}")]
+    Publish { first_seq: i64, last_seq: i64, source: TransportError },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+const PAGE: i64 = 500;
+
+/// Republishes a range of the log in sequence order; returns how many events were sent.
+/// Events keep their ids and versions, so consumers that already applied them skip them.
+pub async fn replay(
+    pool: &PgPool,
+    schema: &Schema,
+    transport: &Arc<dyn Transport>,
+    request: &ReplayRequest,
+) -> Result<u64, LogError> {
+    if request.to.is_some_and(|to| to < request.from) {
+        return Err(LogError::Invalid(format!("--to {:?} is before --from {}", request.to, request.from)));
+    }
+    let sql = schema.sql(
+        "SELECT seq, id, event_type, entity_type, entity_id, version, occurred_at, deleted, data, traceparent \
+         FROM {schema}.outbox WHERE seq >= $1 AND seq <= $2 AND ($3::text IS NULL OR entity_type = $3) \
+         ORDER BY seq LIMIT $4",
+    );
+    let mut next = request.from;
+    let mut sent = 0u64;
+    loop {
+        let rows: Vec<PendingRow> = sqlx::query_as(sql.clone())
+            .bind(next)
+            .bind(request.to.unwrap_or(i64::MAX))
+            .bind(&request.entity_type)
+            .bind(PAGE)
+            .fetch_all(pool)
+            .await
+            .map_err(|source| LogError::Database { doing: "reading the log", source })?;
+        let Some(last) = rows.last() else { break };
+        let (first_seq, last_seq) = (rows[0].seq, last.seq);
+        next = last_seq + 1;
+        let count = rows.len() as u64;
+        for (destination, messages) in destinations(rows, &request.target) {
+            transport.publish_batch(&destination, messages).await.map_err(|source| LogError::Publish {
+                first_seq,
+                last_seq,
+                source,
+            })?;
+        }
+        sent += count;
+        info!(first_seq, last_seq, sent, "replayed");
+    }
+    metrics::counter!("resync_replayed_total").increment(sent);
+    Ok(sent)
+}
+
+fn destinations(rows: Vec<PendingRow>, target: &ReplayTarget) -> Vec<(Destination, Vec<OutgoingMessage>)> {
+    let mut groups: Vec<(Destination, Vec<OutgoingMessage>)> = Vec::new();
+    for row in rows {
+        let destination = match target {
+            ReplayTarget::AllSubscribers { namespace } => {
+                Destination::Topic(crate::live_topic(namespace.as_deref(), &row.entity_type))
+            }
+            ReplayTarget::Queue(queue) => Destination::Queue(queue.clone()),
+        };
+        let message = OutgoingMessage::from_envelope(&row.envelope());
+        match groups.iter_mut().find(|(d, _)| *d == destination) {
+            Some((_, messages)) => messages.push(message),
+            None => groups.push((destination, vec![message])),
+        }
+    }
+    groups
+}
+
+/// Deletes published events older than `older_than` from the log, in chunks so writers are
+/// never blocked for long. Unpublished events are never deleted. Returns how many went.
+pub async fn prune(pool: &PgPool, schema: &Schema, older_than: Duration) -> Result<u64, LogError> {
+    let sql = schema.sql(
+        "DELETE FROM {schema}.outbox WHERE seq IN ( \
+             SELECT o.seq FROM {schema}.outbox o \
+             WHERE o.occurred_at < now() - make_interval(secs => $1) \
+               AND NOT EXISTS (SELECT 1 FROM {schema}.outbox_pending p WHERE p.seq = o.seq) \
+             ORDER BY o.seq LIMIT 10000)",
+    );
+    let mut deleted = 0;
+    loop {
+        let done = sqlx::query(sql.clone())
+            .bind(older_than.as_secs_f64())
+            .execute(pool)
+            .await
+            .map_err(|source| LogError::Database { doing: "pruning the log", source })?
+            .rows_affected();
+        deleted += done;
+        if done == 0 {
+            break;
+        }
+    }
+    info!(deleted, ?older_than, "pruned the event log");
+    Ok(deleted)
+}
