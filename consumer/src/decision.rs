@@ -1,0 +1,86 @@
+//! The version rule as a pure function: what to do with an event given what the sink already
+//! has. All I/O lives around it (see `process`).
+
+use sha2::{Digest, Sha256};
+
+/// What a consumer recorded as applied to a sink for one entity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub version: i64,
+    pub content_hash: Vec<u8>,
+}
+
+/// What to do with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Never applied, or older state applied: call the sink.
+    Apply,
+    /// Newer than what was applied, but the same content: record the version, skip the call.
+    SkipUnchanged,
+    /// This exact version was applied already (a redelivery or duplicate publish).
+    Duplicate,
+    /// A newer version was applied already: sending this would overwrite newer state.
+    Stale,
+}
+
+/// The version rule from DESIGN.md: only a strictly newer version may reach the sink, and an
+/// unchanged state need not.
+pub fn decide(event_version: i64, event_hash: &[u8], applied: Option<&Applied>) -> Decision {
+    match applied {
+        None => Decision::Apply,
+        Some(a) if a.version > event_version => Decision::Stale,
+        Some(a) if a.version == event_version => Decision::Duplicate,
+        Some(a) if a.content_hash == event_hash => Decision::SkipUnchanged,
+        Some(_) => Decision::Apply,
+    }
+}
+
+/// SHA-256 of the entity state as the sink would receive it. serde_json serialises objects
+/// with sorted keys, so equal states hash equally whatever order the producer wrote.
+pub fn content_hash(data: &serde_json::Value, deleted: bool) -> Vec<u8> {
+    let mut hasher = Sha256::new();
+    hasher.update([u8::from(deleted)]);
+    hasher.update(serde_json::to_vec(data).unwrap_or_default());
+    hasher.finalize().to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn applied(version: i64, data: serde_json::Value) -> Applied {
+        Applied { version, content_hash: content_hash(&data, false) }
+    }
+
+    #[test]
+    fn first_event_of_an_entity_is_applied() {
+        assert_eq!(decide(1, &content_hash(&json!({}), false), None), Decision::Apply);
+    }
+
+    #[test]
+    fn older_and_equal_versions_are_never_sent() {
+        let a = applied(5, json!({"x": 1}));
+        assert_eq!(decide(4, &content_hash(&json!({"x": 0}), false), Some(&a)), Decision::Stale);
+        assert_eq!(decide(5, &content_hash(&json!({"x": 1}), false), Some(&a)), Decision::Duplicate);
+        // Even with different content: a same-version event is a duplicate by definition.
+        assert_eq!(decide(5, &content_hash(&json!({"x": 9}), false), Some(&a)), Decision::Duplicate);
+    }
+
+    #[test]
+    fn newer_versions_apply_unless_unchanged() {
+        let a = applied(5, json!({"x": 1, "y": 2}));
+        assert_eq!(decide(6, &content_hash(&json!({"x": 2, "y": 2}), false), Some(&a)), Decision::Apply);
+        // Key order does not matter.
+        assert_eq!(
+            decide(6, &content_hash(&json!({"y": 2, "x": 1}), false), Some(&a)),
+            Decision::SkipUnchanged
+        );
+    }
+
+    #[test]
+    fn a_tombstone_is_a_change_even_with_the_same_data() {
+        let a = applied(5, json!({"x": 1}));
+        assert_eq!(decide(6, &content_hash(&json!({"x": 1}), true), Some(&a)), Decision::Apply);
+    }
+}

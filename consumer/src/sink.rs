@@ -1,0 +1,56 @@
+//! Sinks: where events are applied. A [`Sink`] is a third-party API behind a trait; the built-in
+//! [`http::HttpSink`] covers REST APIs configured in the service config.
+
+pub mod http;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+/// One write to a sink: the entity's full state at `version`, or its deletion.
+#[derive(Debug, Clone, Copy)]
+pub struct SinkWrite<'a> {
+    pub entity_type: &'a str,
+    pub entity_id: &'a str,
+    pub version: i64,
+    pub event_id: Uuid,
+    pub deleted: bool,
+    pub data: &'a serde_json::Value,
+}
+
+/// Why a write failed, as far as retrying is concerned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SinkError {
+    /// Worth retrying: 429, 5xx, a timeout, a connection error. `retry_after` is the third
+    /// party's own hint, honoured over the backoff when longer.
+    #[error("transient sink failure: {reason}")]
+    Transient { reason: String, retry_after: Option<Duration> },
+    /// The third party refused the write for good (a 4xx other than 408/425/429); the event
+    /// goes to the dead-letter queue with this status and body.
+    #[error("sink rejected the write with status {status}: {body}")]
+    Rejected { status: u16, body: String },
+}
+
+impl SinkError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SinkError::Transient { .. })
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            SinkError::Transient { retry_after, .. } => *retry_after,
+            SinkError::Rejected { .. } => None,
+        }
+    }
+}
+
+/// A third-party system. Implement this for custom integrations; writes must be idempotent
+/// for the same version (they are retried, and re-sent after a lost lock).
+#[async_trait]
+pub trait Sink: Send + Sync + 'static {
+    /// A stable name: the applied-version store and the lock keys are per sink name.
+    fn name(&self) -> &str;
+
+    async fn apply(&self, write: &SinkWrite<'_>) -> Result<(), SinkError>;
+}

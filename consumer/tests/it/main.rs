@@ -1,0 +1,8 @@
+//! Integration tests of the consumer against real Postgres, Redis and brokers, with a
+//! recording sink standing in for the third party.
+
+// Test helpers panic on poisoned locks like any other test failure.
+#![allow(clippy::unwrap_used)]
+
+mod pipeline;
+mod support;
