@@ -59,6 +59,11 @@ enum Command {
     Relay(RelayArgs),
     /// Republish a range of the event log, to every subscriber or to one service.
     Replay(ReplayArgs),
+    /// Stop every consumer of a service's stream from taking messages (within about 2 s);
+    /// messages accumulate in the queue until `resync resume`.
+    Pause(StreamArgs),
+    /// Let the consumers of a paused stream take messages again.
+    Resume(StreamArgs),
     /// Maintain the outbox / event log.
     Outbox {
         #[command(subcommand)]
@@ -95,6 +100,23 @@ struct ReplayArgs {
     to_service: Option<String>,
 }
 
+#[derive(Args)]
+struct StreamArgs {
+    /// The service whose consumers pause or resume, as named in its fare config.
+    #[arg(long)]
+    service: String,
+    /// live or resync.
+    #[arg(long, value_parser = parse_stream)]
+    stream: Stream,
+    /// Why (shown in logs); pause only.
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+fn parse_stream(text: &str) -> Result<Stream, String> {
+    text.parse()
+}
+
 #[derive(Subcommand)]
 enum OutboxCommand {
     /// Delete published events older than a duration from the log (never unpublished ones).
@@ -119,6 +141,29 @@ async fn main() -> Result<()> {
         Command::Replay(args) => {
             let sent = replay(&cli.common, &schema, args).await?;
             println!("replayed {sent} events");
+        }
+        Command::Pause(args) => {
+            let pool = connect_db(&cli.common).await?;
+            resync_consumer::control::pause(
+                &pool,
+                &schema,
+                &args.service,
+                args.stream,
+                args.reason.as_deref(),
+            )
+            .await?;
+            println!(
+                "paused {} {}: consumers stop taking messages within about 2 s",
+                args.service, args.stream
+            );
+        }
+        Command::Resume(args) => {
+            let pool = connect_db(&cli.common).await?;
+            if resync_consumer::control::resume(&pool, &schema, &args.service, args.stream).await? {
+                println!("resumed {} {}", args.service, args.stream);
+            } else {
+                println!("{} {} was not paused", args.service, args.stream);
+            }
         }
         Command::Outbox { command: OutboxCommand::Prune { older_than } } => {
             let pool =
@@ -146,8 +191,14 @@ async fn relay(common: &Common, schema: Schema, args: RelayArgs) -> Result<()> {
     Ok(())
 }
 
+async fn connect_db(common: &Common) -> Result<sqlx::PgPool> {
+    sqlx::PgPool::connect(&common.database_url)
+        .await
+        .context("connecting to Postgres (--database-url / RESYNC_DATABASE_URL)")
+}
+
 async fn replay(common: &Common, schema: &Schema, args: ReplayArgs) -> Result<u64> {
-    let pool = sqlx::PgPool::connect(&common.database_url).await.context("connecting to Postgres")?;
+    let pool = connect_db(common).await?;
     let transport = TransportConfig::named(&common.transport)?.connect().await?;
     let target = match &args.to_service {
         Some(service) => ReplayTarget::Queue(resync_bus::naming::queue_name(
