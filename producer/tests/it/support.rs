@@ -239,10 +239,14 @@ pub(crate) async fn write_concurrently(
             while committed_count.load(Ordering::SeqCst) < target {
                 let mut tx = pool.begin().await.expect("begin");
                 let mut ids = Vec::new();
-                for _ in 0..rng.random_range(1..=4) {
-                    let entity = rng.random_range(0..entities).to_string();
+                // Entities in a fixed order within a transaction, as applications do to avoid
+                // deadlocks on the per-entity version rows.
+                let mut entity_ids: Vec<u32> =
+                    (0..rng.random_range(1..=4)).map(|_| rng.random_range(0..entities)).collect();
+                entity_ids.sort_unstable();
+                for entity in entity_ids {
                     let data = serde_json::json!({"title": format!("listing {entity}"), "writer": writer});
-                    let event = resync_producer::NewEvent::new("listing.updated", entity, data);
+                    let event = resync_producer::NewEvent::new("listing.updated", entity.to_string(), data);
                     ids.push(resync_producer::emit(&mut tx, &schema, &event).await.expect("emit").id);
                 }
                 if rng.random_bool(0.03) {
