@@ -27,7 +27,8 @@ use resync_migrations::Schema;
 use resync_testkit::{Service, service_unreachable, unique_name};
 use tokio_util::sync::CancellationToken;
 
-const CONCURRENCY: usize = 64;
+const CONCURRENCY: usize = 256;
+const BATCH: usize = 64;
 
 struct NullSink(AtomicU64);
 
@@ -94,11 +95,7 @@ async fn main() {
     resync_migrations::migrate(&Service::Postgres.url(), &schema)
         .await
         .unwrap_or_else(|e| service_unreachable(Service::Postgres, e));
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(CONCURRENCY as u32 / 2)
-        .connect(&Service::Postgres.url())
-        .await
-        .expect("pool");
+    let pool = resync_consumer::store::connect(&Service::Postgres.url(), 8).await.expect("pool");
     let locker = Locker::connect(&Service::Redis.url(), LockConfig::default())
         .await
         .unwrap_or_else(|e| service_unreachable(Service::Redis, e));
@@ -122,6 +119,7 @@ async fn main() {
     let mut config = ConsumerConfig::new("bench", vec![(Stream::Live, queue.clone())]);
     config.concurrency = CONCURRENCY;
     config.prefetch = CONCURRENCY as u16;
+    config.batch_size = BATCH;
     let consumer = Consumer::new(transport.clone(), processor, pool.clone(), schema.clone(), config);
     let shutdown = CancellationToken::new();
     let start = Instant::now();

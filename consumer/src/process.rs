@@ -2,17 +2,19 @@
 //! with retries, record the applied version with a compare-and-set, repair after a lost lock,
 //! then settle the delivery (ack, nack for later, or dead-letter with the reason).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::future::join_all;
 use resync_bus::{DeadLetter, DeadLetterReason, DecodeLimits, Delivery, Envelope};
-use resync_locks::Locker;
+use resync_locks::{LockGuard, Locker};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::decision::{Decision, content_hash, decide};
 use crate::sink::{Sink, SinkError, SinkWrite};
-use crate::store::{AppliedState, AppliedStore, Cas, EntityKey};
+use crate::store::{AppliedState, AppliedStore, Cas, CasRequest, EntityId, EntityKey};
 
 /// How one event is retried and when it is given up.
 #[derive(Debug, Clone)]
@@ -78,6 +80,58 @@ fn infra(what: &str) -> impl FnOnce(String) -> ApplyError + '_ {
     move |e| ApplyError::Infrastructure(format!("{what}: {e}"))
 }
 
+/// The events of one entity in a batch, newest first.
+struct EntityGroup {
+    entity: EntityId,
+    events: Vec<(Delivery, Envelope)>,
+}
+
+impl EntityGroup {
+    fn key<'a>(&'a self, sink: &'a str) -> EntityKey<'a> {
+        EntityKey { sink, entity_type: &self.entity.entity_type, entity_id: &self.entity.entity_id }
+    }
+}
+
+/// How far a round got before its compare-and-set.
+enum Step {
+    Done(Outcome),
+    /// Record the version (the decision was `Apply` and the sink call succeeded, or
+    /// `SkipUnchanged`).
+    Record(Decision),
+}
+
+/// The first round of an entity's newest event in a batch.
+enum FirstRound {
+    /// Not started (the batch read failed, or the entity was busy): the event runs its
+    /// rounds alone.
+    Unstarted,
+    Prepared {
+        mine: AppliedState,
+        expected: Option<i64>,
+        step: Result<Step, ApplyError>,
+    },
+}
+
+fn applied_state(envelope: &Envelope) -> AppliedState {
+    AppliedState {
+        version: envelope.version,
+        content_hash: content_hash(&envelope.data, envelope.deleted),
+        deleted: envelope.deleted,
+        data: envelope.data.clone(),
+        event_id: envelope.id,
+    }
+}
+
+fn event_span(envelope: &Envelope) -> tracing::Span {
+    info_span!(
+        "event",
+        event_id = %envelope.id,
+        entity = %format_args!("{}/{}", envelope.entity_type, envelope.entity_id),
+        version = envelope.version,
+        stream = %envelope.stream,
+    )
+}
+
 /// Rounds of read-decide-write per event before giving up under contention.
 const MAX_ROUNDS: usize = 5;
 
@@ -104,24 +158,260 @@ impl Processor {
 
     /// Handles one delivery to the end: it is settled when this returns.
     pub async fn handle(&self, delivery: Delivery) -> Outcome {
-        let envelope = match delivery.envelope(&self.limits) {
-            Ok(envelope) => envelope,
+        self.handle_batch(vec![delivery]).await.pop().unwrap_or(Outcome::Requeued)
+    }
+
+    /// Handles a batch of deliveries to the end: all are settled when this returns. Entities
+    /// are locked together, their applied versions read in one query and the new versions
+    /// recorded in one compare-and-set statement, so a batch costs a few round trips rather
+    /// than a few per event. Outcomes are in no particular order.
+    ///
+    /// Entities another consumer holds are handled afterwards, one lock at a time: a consumer
+    /// never waits for a lock while holding others, so two batches cannot deadlock.
+    pub async fn handle_batch(&self, deliveries: Vec<Delivery>) -> Vec<Outcome> {
+        let mut outcomes = Vec::with_capacity(deliveries.len());
+        let mut groups: BTreeMap<EntityId, Vec<(Delivery, Envelope)>> = BTreeMap::new();
+        for delivery in deliveries {
+            match delivery.envelope(&self.limits) {
+                Ok(envelope) => {
+                    let entity = EntityId {
+                        entity_type: envelope.entity_type.clone(),
+                        entity_id: envelope.entity_id.clone(),
+                    };
+                    groups.entry(entity).or_default().push((delivery, envelope));
+                }
+                Err(err) => {
+                    warn!(queue = %delivery.queue, error = %err, "invalid envelope; dead-lettering");
+                    outcomes.push(self.dead_letter(delivery, DeadLetter::invalid_envelope(&err)).await);
+                }
+            }
+        }
+        let groups = groups.into_iter().map(|(entity, mut events)| {
+            // Newest first: it decides the entity's fate; older ones are then mostly stale.
+            events.sort_by_key(|(_, envelope)| std::cmp::Reverse(envelope.version));
+            EntityGroup { entity, events }
+        });
+        let (locked, busy) = self.try_lock_all(groups.collect()).await;
+        outcomes.extend(self.run_locked(locked).await);
+        let alone = join_all(busy.into_iter().map(|group| self.run_alone(group))).await;
+        outcomes.extend(alone.into_iter().flatten());
+        outcomes
+    }
+
+    fn lock_key(&self, entity: &EntityId) -> String {
+        let (prefix, sink) = (&self.lock_prefix, self.sink.name());
+        format!("{prefix}resync:lock:{sink}:{}:{}", entity.entity_type, entity.entity_id)
+    }
+
+    /// Locks every free entity of the batch in one round trip; returns the locked groups with
+    /// their guards, and the others.
+    async fn try_lock_all(
+        &self,
+        groups: Vec<EntityGroup>,
+    ) -> (Vec<(EntityGroup, LockGuard)>, Vec<EntityGroup>) {
+        let keys: Vec<String> = groups.iter().map(|g| self.lock_key(&g.entity)).collect();
+        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let guards = match self.locker.try_acquire_many(&key_refs).await {
+            Ok(guards) => guards,
             Err(err) => {
-                warn!(queue = %delivery.queue, error = %err, "invalid envelope; dead-lettering");
-                return self.dead_letter(delivery, DeadLetter::invalid_envelope(&err)).await;
+                warn!(error = %err, "batch lock failed; locking per entity");
+                return (Vec::new(), groups);
             }
         };
-        let span = info_span!(
-            "event",
-            event_id = %envelope.id,
-            entity = %format_args!("{}/{}", envelope.entity_type, envelope.entity_id),
-            version = envelope.version,
-            stream = %envelope.stream,
-        );
+        let (mut locked, mut busy) = (Vec::new(), Vec::new());
+        for (group, guard) in groups.into_iter().zip(guards) {
+            match guard {
+                Some(guard) => locked.push((group, guard)),
+                None => busy.push(group),
+            }
+        }
+        (locked, busy)
+    }
+
+    /// The batch pipeline over locked entities: one read, concurrent sink calls, one
+    /// compare-and-set, then settling and one release.
+    async fn run_locked(&self, locked: Vec<(EntityGroup, LockGuard)>) -> Vec<Outcome> {
+        if locked.is_empty() {
+            return Vec::new();
+        }
+        let entities: Vec<&EntityId> = locked.iter().map(|(g, _)| &g.entity).collect();
+        let mut current = match self.store.get_many(self.sink.name(), &entities).await {
+            Ok(current) => Some(current),
+            Err(err) => {
+                warn!(error = %err, "batch read of applied versions failed; reading per event");
+                None
+            }
+        };
+        // First round of each entity's newest event: decide and call the sink, concurrently.
+        let firsts = join_all(locked.iter().map(|(group, guard)| {
+            let prefetched = current.as_mut().map(|c| c.remove(&group.entity));
+            self.first_round(group, guard, prefetched)
+        }))
+        .await;
+        let cas = self.record_batch(&locked, &firsts).await;
+        let finished = join_all(
+            locked
+                .iter()
+                .zip(firsts)
+                .zip(cas)
+                .map(|(((group, guard), first), cas)| self.finish_group(group, guard, first, cas)),
+        )
+        .await;
+        let (groups, guards): (Vec<EntityGroup>, Vec<LockGuard>) = locked.into_iter().unzip();
+        let settling = groups
+            .into_iter()
+            .zip(finished)
+            .flat_map(|(group, results)| group.events.into_iter().zip(results));
+        let outcomes = join_all(settling.map(|((delivery, envelope), result)| async move {
+            self.settle(delivery, &envelope, result).await
+        }))
+        .await;
+        // A lock that cannot be released lapses with its lease; a lost lock was already
+        // handled by the compare-and-set.
+        if let Err(err) = self.locker.release_many(guards).await {
+            debug!(error = %err, "releasing entity locks failed; they expire with their lease");
+        }
+        outcomes
+    }
+
+    /// An entity another consumer held: wait for its lock (holding no other), then apply its
+    /// events one by one.
+    async fn run_alone(&self, group: EntityGroup) -> Vec<Outcome> {
+        let waited = Instant::now();
+        let lock = self.locker.acquire(&self.lock_key(&group.entity)).await;
+        metrics::histogram!("resync_consumer_lock_wait_seconds").record(waited.elapsed().as_secs_f64());
+        let results = match &lock {
+            Ok(guard) => self.finish_group(&group, guard, FirstRound::Unstarted, None).await,
+            Err(err) => group
+                .events
+                .iter()
+                .map(|_| Err(ApplyError::Infrastructure(format!("entity lock: {err}"))))
+                .collect(),
+        };
+        let mut outcomes = Vec::with_capacity(results.len());
+        for ((delivery, envelope), result) in group.events.into_iter().zip(results) {
+            outcomes.push(self.settle(delivery, &envelope, result).await);
+        }
+        drop(lock);
+        outcomes
+    }
+
+    /// Decides the newest event of a locked entity against the prefetched applied state and
+    /// calls the sink if needed; the compare-and-set follows for the whole batch.
+    async fn first_round(
+        &self,
+        group: &EntityGroup,
+        guard: &LockGuard,
+        prefetched: Option<Option<AppliedState>>,
+    ) -> FirstRound {
+        let (Some(current), Some((_, envelope))) = (prefetched, group.events.first()) else {
+            return FirstRound::Unstarted;
+        };
+        let mine = applied_state(envelope);
+        let key = group.key(self.sink.name());
+        let expected = current.as_ref().map(|c| c.version);
+        let step = self.prepare(key, &mine, current.as_ref(), guard).instrument(event_span(envelope)).await;
+        FirstRound::Prepared { mine, expected, step }
+    }
+
+    /// One compare-and-set statement for every first round that needs one.
+    async fn record_batch(
+        &self,
+        locked: &[(EntityGroup, LockGuard)],
+        firsts: &[FirstRound],
+    ) -> Vec<Option<Cas>> {
+        let requests: Vec<(usize, CasRequest<'_>)> = locked
+            .iter()
+            .zip(firsts)
+            .enumerate()
+            .filter_map(|(i, ((group, _), first))| match first {
+                FirstRound::Prepared { mine, expected, step: Ok(Step::Record(_)) } => {
+                    Some((i, CasRequest { entity: &group.entity, expected: *expected, new: mine }))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut results = vec![None; locked.len()];
+        let batch: Vec<CasRequest<'_>> = requests.iter().map(|(_, r)| r.clone()).collect();
+        match self.store.compare_and_set_many(self.sink.name(), &batch).await {
+            Ok(recorded) => {
+                for ((i, _), recorded) in requests.iter().zip(recorded) {
+                    // A conflict's current state is read by the group itself (rare).
+                    results[*i] = Some(if recorded { Cas::Recorded } else { Cas::Conflict(None) });
+                }
+            }
+            // Each group then records on its own (and reports the error if it persists).
+            Err(err) => warn!(error = %err, "batch compare-and-set failed; recording per event"),
+        }
+        results
+    }
+
+    /// Applies a locked entity's events, newest first: concludes the newest one's first round
+    /// (if the batch started it), runs any further rounds, then the older events. Returns one
+    /// result per event, in order.
+    async fn finish_group(
+        &self,
+        group: &EntityGroup,
+        guard: &LockGuard,
+        first: FirstRound,
+        cas: Option<Cas>,
+    ) -> Vec<Result<Outcome, ApplyError>> {
+        let key = group.key(self.sink.name());
+        let mut results = Vec::with_capacity(group.events.len());
+        let mut first = Some((first, cas));
+        for (_, envelope) in &group.events {
+            let result = async {
+                match first.take() {
+                    Some((FirstRound::Prepared { mine, expected, step }, cas)) => {
+                        self.continue_first(key, &mine, expected, step, cas, guard).await
+                    }
+                    _ => self.apply_locked(key, &applied_state(envelope), guard).await,
+                }
+            }
+            .instrument(event_span(envelope))
+            .await;
+            results.push(result);
+        }
+        results
+    }
+
+    async fn continue_first(
+        &self,
+        key: EntityKey<'_>,
+        mine: &AppliedState,
+        expected: Option<i64>,
+        step: Result<Step, ApplyError>,
+        cas: Option<Cas>,
+        guard: &LockGuard,
+    ) -> Result<Outcome, ApplyError> {
+        let decision = match step? {
+            Step::Done(outcome) => return Ok(outcome),
+            Step::Record(decision) => decision,
+        };
+        let cas = match cas {
+            Some(Cas::Conflict(None)) => Cas::Conflict(
+                self.store.get(key).await.map_err(|e| infra("reading the applied version")(e.to_string()))?,
+            ),
+            Some(cas) => cas,
+            None => self.record(key, expected, mine).await?,
+        };
+        match self.conclude(key, mine, decision, cas).await? {
+            Some(outcome) => Ok(outcome),
+            None => self.apply_locked(key, mine, guard).await,
+        }
+    }
+
+    /// Acknowledges, requeues or dead-letters a delivery according to how applying it went.
+    async fn settle(
+        &self,
+        delivery: Delivery,
+        envelope: &Envelope,
+        result: Result<Outcome, ApplyError>,
+    ) -> Outcome {
         async {
             let lag = (chrono::Utc::now() - envelope.occurred_at).num_milliseconds().max(0) as f64 / 1000.0;
             metrics::gauge!("resync_consumer_lag_seconds", "stream" => envelope.stream.as_str()).set(lag);
-            match self.apply(&envelope).await {
+            match result {
                 Ok(outcome) => {
                     if let Err(err) = delivery.ack().await {
                         // Redelivered later and then found to be a duplicate: harmless.
@@ -139,7 +429,7 @@ impl Processor {
                 Err(err) => self.retry_later(delivery, err).await,
             }
         }
-        .instrument(span)
+        .instrument(event_span(envelope))
         .await
     }
 
@@ -175,79 +465,79 @@ impl Processor {
         }
     }
 
-    async fn apply(&self, envelope: &Envelope) -> Result<Outcome, ApplyError> {
-        let key = EntityKey {
-            sink: self.sink.name(),
-            entity_type: &envelope.entity_type,
-            entity_id: &envelope.entity_id,
-        };
-        let lock_key =
-            format!("{}resync:lock:{}:{}:{}", self.lock_prefix, key.sink, key.entity_type, key.entity_id);
-        let waited = Instant::now();
-        let guard = self.locker.acquire(&lock_key).await.map_err(|e| infra("entity lock")(e.to_string()))?;
-        metrics::histogram!("resync_consumer_lock_wait_seconds").record(waited.elapsed().as_secs_f64());
-        let mine = AppliedState {
-            version: envelope.version,
-            content_hash: content_hash(&envelope.data, envelope.deleted),
-            deleted: envelope.deleted,
-            data: envelope.data.clone(),
-            event_id: envelope.id,
-        };
-        let result = self.apply_locked(key, &mine, &guard).await;
-        // Released in the background; a lost lock was already handled by the CAS.
-        drop(guard);
-        result
-    }
-
+    /// Read-decide-write rounds for one event under its entity's lock, until the version rule
+    /// settles it.
     async fn apply_locked(
         &self,
         key: EntityKey<'_>,
         mine: &AppliedState,
-        guard: &resync_locks::LockGuard,
+        guard: &LockGuard,
     ) -> Result<Outcome, ApplyError> {
         for _ in 0..MAX_ROUNDS {
             let current =
                 self.store.get(key).await.map_err(|e| infra("reading the applied version")(e.to_string()))?;
             let expected = current.as_ref().map(|c| c.version);
-            match decide(
-                mine.version,
-                &mine.content_hash,
-                current.as_ref().map(AppliedState::applied).as_ref(),
-            ) {
-                Decision::Stale => return Ok(Outcome::Stale),
-                Decision::Duplicate => return Ok(Outcome::Duplicate),
-                Decision::SkipUnchanged => {
-                    if self.record(key, expected, mine).await? == Cas::Recorded {
-                        return Ok(Outcome::SkippedUnchanged);
-                    }
-                }
-                Decision::Apply => {
-                    // Cheap narrowing of the race; the compare-and-set below is what makes it safe.
-                    guard.ensure_held().map_err(|e| infra("entity lock")(e.to_string()))?;
-                    self.send(key, mine).await?;
-                    match self.record(key, expected, mine).await? {
-                        Cas::Recorded => return Ok(Outcome::Applied),
-                        Cas::Conflict(Some(newer)) if newer.version > mine.version => {
-                            // Our lock was lost mid-call and a newer version was applied
-                            // meanwhile; our write may have landed after it. Re-send the newest.
-                            warn!(
-                                newer = newer.version,
-                                "a newer version was applied during our call; re-sending it"
-                            );
-                            self.send(key, &newer).await?;
-                            return Ok(Outcome::Repaired);
-                        }
-                        Cas::Conflict(Some(same)) if same.version == mine.version => {
-                            return Ok(Outcome::Applied);
-                        }
-                        // An older version was recorded after we read: its write may have
-                        // landed after ours. Go round again; the rule re-applies ours.
-                        Cas::Conflict(_) => {}
+            match self.prepare(key, mine, current.as_ref(), guard).await? {
+                Step::Done(outcome) => return Ok(outcome),
+                Step::Record(decision) => {
+                    let cas = self.record(key, expected, mine).await?;
+                    if let Some(outcome) = self.conclude(key, mine, decision, cas).await? {
+                        return Ok(outcome);
                     }
                 }
             }
         }
         Err(ApplyError::Infrastructure(format!("entity still contended after {MAX_ROUNDS} rounds")))
+    }
+
+    /// The first half of a round: the version rule, and the sink call if it says so.
+    async fn prepare(
+        &self,
+        key: EntityKey<'_>,
+        mine: &AppliedState,
+        current: Option<&AppliedState>,
+        guard: &LockGuard,
+    ) -> Result<Step, ApplyError> {
+        match decide(mine.version, &mine.content_hash, current.map(AppliedState::applied).as_ref()) {
+            Decision::Stale => Ok(Step::Done(Outcome::Stale)),
+            Decision::Duplicate => Ok(Step::Done(Outcome::Duplicate)),
+            Decision::SkipUnchanged => Ok(Step::Record(Decision::SkipUnchanged)),
+            Decision::Apply => {
+                // Cheap narrowing of the race; the compare-and-set is what makes it safe.
+                guard.ensure_held().map_err(|e| infra("entity lock")(e.to_string()))?;
+                self.send(key, mine).await?;
+                Ok(Step::Record(Decision::Apply))
+            }
+        }
+    }
+
+    /// The second half of a round: what the compare-and-set result means. `None`: go round
+    /// again.
+    async fn conclude(
+        &self,
+        key: EntityKey<'_>,
+        mine: &AppliedState,
+        decision: Decision,
+        cas: Cas,
+    ) -> Result<Option<Outcome>, ApplyError> {
+        let applied = decision == Decision::Apply;
+        match cas {
+            Cas::Recorded if applied => Ok(Some(Outcome::Applied)),
+            Cas::Recorded => Ok(Some(Outcome::SkippedUnchanged)),
+            Cas::Conflict(Some(newer)) if applied && newer.version > mine.version => {
+                // Our lock was lost mid-call and a newer version was applied meanwhile; our
+                // write may have landed after it. Re-send the newest.
+                warn!(newer = newer.version, "a newer version was applied during our call; re-sending it");
+                self.send(key, &newer).await?;
+                Ok(Some(Outcome::Repaired))
+            }
+            Cas::Conflict(Some(same)) if applied && same.version == mine.version => {
+                Ok(Some(Outcome::Applied))
+            }
+            // An older version was recorded after we read: its write may have landed after
+            // ours. Go round again; the rule re-applies ours.
+            Cas::Conflict(_) => Ok(None),
+        }
     }
 
     async fn record(

@@ -26,6 +26,8 @@ pub struct ConsumerConfig {
     pub concurrency: usize,
     /// Most messages held from the broker per queue.
     pub prefetch: u16,
+    /// Most events handled as one batch (locks, version reads and compare-and-sets together).
+    pub batch_size: usize,
     /// How often pause state is read.
     pub pause_poll: Duration,
     /// How long in-flight events may take to finish after shutdown is requested.
@@ -39,6 +41,7 @@ impl ConsumerConfig {
             queues,
             concurrency: 32,
             prefetch: 32,
+            batch_size: 16,
             pause_poll: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(30),
         }
@@ -70,10 +73,10 @@ pub struct Consumer {
     states: Vec<watch::Sender<QueueState>>,
 }
 
+/// Longest wait for more free processing slots before a batch is taken.
+const BATCH_LINGER: Duration = Duration::from_millis(2);
 /// Longest wait for messages in one poll, so pause and shutdown are noticed promptly.
 const POLL_WAIT: Duration = Duration::from_millis(500);
-/// Most messages taken from the broker in one poll.
-const MAX_BATCH: usize = 10;
 
 impl Consumer {
     pub fn new(
@@ -112,6 +115,7 @@ impl Consumer {
                 stream: *stream,
                 queue: queue.clone(),
                 prefetch: self.config.prefetch,
+                batch_size: self.config.batch_size.max(1),
                 pause_poll: self.config.pause_poll,
                 grace: self.config.shutdown_grace,
                 state: self.states[index].clone(),
@@ -146,6 +150,7 @@ struct QueueLoop {
     stream: Stream,
     queue: String,
     prefetch: u16,
+    batch_size: usize,
     pause_poll: Duration,
     grace: Duration,
     state: watch::Sender<QueueState>,
@@ -194,18 +199,23 @@ impl QueueLoop {
                     Err(source) => break Err(ConsumerError::Queue { queue: self.queue.clone(), source }),
                 },
             };
-            let Some(taken) = take_permits(&permits, &shutdown).await else { continue };
+            let Some(taken) = take_permits(&permits, &shutdown, self.batch_size).await else { continue };
             match open.next_batch(taken.len(), POLL_WAIT).await {
                 Ok(batch) => {
-                    for (delivery, permit) in batch.into_iter().zip(taken) {
-                        let processor = self.processor.clone();
-                        in_flight.spawn(async move {
-                            let outcome = processor.handle(delivery).await;
+                    // Unused permits (a short batch) go back at once; the rest with the batch.
+                    let (used, unused) = split_permits(taken, batch.len());
+                    drop(unused);
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    let processor = self.processor.clone();
+                    in_flight.spawn(async move {
+                        for outcome in processor.handle_batch(batch).await {
                             metrics::counter!("resync_consumer_events_total", "outcome" => outcome.label())
                                 .increment(1);
-                            drop(permit);
-                        });
-                    }
+                        }
+                        drop(used);
+                    });
                 }
                 Err(source) => break Err(ConsumerError::Queue { queue: self.queue.clone(), source }),
             }
@@ -246,20 +256,35 @@ impl QueueLoop {
     }
 }
 
+fn split_permits(
+    mut taken: Vec<OwnedSemaphorePermit>,
+    used: usize,
+) -> (Vec<OwnedSemaphorePermit>, Vec<OwnedSemaphorePermit>) {
+    let unused = taken.split_off(used.min(taken.len()));
+    (taken, unused)
+}
+
 /// Waits for one free processing slot, then takes any others free now (up to a batch).
 async fn take_permits(
     permits: &Arc<Semaphore>,
     shutdown: &CancellationToken,
+    max_batch: usize,
 ) -> Option<Vec<OwnedSemaphorePermit>> {
     let first = tokio::select! {
         _ = shutdown.cancelled() => return None,
         permit = permits.clone().acquire_owned() => permit.ok()?,
     };
     let mut taken = vec![first];
-    while taken.len() < MAX_BATCH {
+    // Under load permits come back a few at a time; waiting briefly for more makes batches
+    // (and their shared round trips) large, at the cost of at most BATCH_LINGER of latency.
+    let linger = tokio::time::Instant::now() + BATCH_LINGER;
+    while taken.len() < max_batch {
         match permits.clone().try_acquire_owned() {
             Ok(permit) => taken.push(permit),
-            Err(_) => break,
+            Err(_) => match tokio::time::timeout_at(linger, permits.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => taken.push(permit),
+                _ => break,
+            },
         }
     }
     Some(taken)

@@ -135,6 +135,16 @@ impl LockGuard {
         Ok(if deleted { Release::Released } else { Release::NotHeld })
     }
 
+    /// Stops renewal and marks the guard released without talking to Redis, returning the
+    /// key and owner token to delete (`None` if it was already released). For batch release.
+    pub(crate) fn into_release(mut self) -> Option<(String, String)> {
+        self.renewal.abort();
+        let already_released = self.state.borrow().lost == Some(LostReason::Released);
+        mark_lost(&self.state, LostReason::Released);
+        // Drop now finds the guard released and does nothing.
+        (!already_released).then(|| (std::mem::take(&mut self.key), std::mem::take(&mut self.token)))
+    }
+
     /// Fault injection for tests: stops background renewal as if this process had stalled,
     /// so the lease runs out while the guard is still held.
     #[doc(hidden)]
@@ -148,7 +158,8 @@ impl Drop for LockGuard {
         self.renewal.abort();
         let already_released = self.state.borrow().lost == Some(LostReason::Released);
         mark_lost(&self.state, LostReason::Released);
-        if already_released {
+        // An empty token: handed to a batch release already (`into_release`).
+        if already_released || self.token.is_empty() {
             return;
         }
         // Dropping outside a runtime (e.g. at shutdown) cannot talk to Redis; the lease

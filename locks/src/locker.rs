@@ -123,6 +123,61 @@ impl Locker {
         }
     }
 
+    /// One attempt at many keys in one round trip: per key, the lock if it was free, `None`
+    /// if someone holds it. Keys must be distinct.
+    #[instrument(level = "debug", skip_all, fields(keys = keys.len()), err(level = "debug"))]
+    pub async fn try_acquire_many(&self, keys: &[&str]) -> Result<Vec<Option<LockGuard>>, LockError> {
+        let Some(first) = keys.first() else { return Ok(Vec::new()) };
+        let config = &self.inner.config;
+        let tokens: Vec<String> = keys.iter().map(|_| uuid::Uuid::now_v7().simple().to_string()).collect();
+        let sent_at = Instant::now();
+        let mut conn = self.inner.conn.clone();
+        let mut invocation = self.inner.scripts.acquire_many.prepare_invoke();
+        for key in keys {
+            invocation.key(*key).key(fence_key(key));
+        }
+        invocation.arg(millis(config.lease)).arg(millis(config.fence_ttl));
+        for token in &tokens {
+            invocation.arg(token);
+        }
+        let fences: Vec<u64> = match self.bounded("acquire", first, invocation.invoke_async(&mut conn)).await
+        {
+            Ok(fences) => fences,
+            Err(e) => {
+                for (key, token) in keys.iter().zip(&tokens) {
+                    self.forget_ambiguous_acquire(key, token, &e);
+                }
+                return Err(e);
+            }
+        };
+        Ok(keys
+            .iter()
+            .zip(tokens)
+            .zip(fences)
+            .map(|((key, token), fence)| {
+                (fence != 0).then(|| {
+                    let acquired = Acquired { token, fence, valid_until: sent_at + config.lease };
+                    LockGuard::start(self.clone(), key, acquired)
+                })
+            })
+            .collect())
+    }
+
+    /// Releases many guards in one round trip (compare-and-delete each); returns how many
+    /// locks were still ours and deleted. Guards already released or lost count as not held.
+    pub async fn release_many(&self, guards: Vec<LockGuard>) -> Result<usize, LockError> {
+        let held: Vec<(String, String)> = guards.into_iter().filter_map(LockGuard::into_release).collect();
+        let Some((first, _)) = held.first() else { return Ok(0) };
+        let mut conn = self.inner.conn.clone();
+        let mut invocation = self.inner.scripts.release_many.prepare_invoke();
+        for (key, token) in &held {
+            invocation.key(key).arg(token);
+        }
+        let deleted: usize = self.bounded("release", first, invocation.invoke_async(&mut conn)).await?;
+        debug!(locks = held.len(), deleted, "locks released");
+        Ok(deleted)
+    }
+
     /// After a lost reply the script may still have run and taken the lock for a token
     /// nobody will use; delete it in the background rather than block the key for a lease.
     fn forget_ambiguous_acquire(&self, key: &str, token: &str, err: &LockError) {

@@ -27,6 +27,28 @@ redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[3])
 return fence
 ";
 
+/// [`ACQUIRE`] for many locks in one round trip: each key is tried on its own, so a busy key
+/// does not stop the others.
+/// KEYS: lock 1, fence counter 1, lock 2, fence counter 2, ... ARGV: lease ms, fence counter
+/// ttl ms, owner token 1, owner token 2, ... Returns one fencing token per lock, 0 where held.
+const ACQUIRE_MANY: &str = r"
+local fences = {}
+local now = redis.call('TIME')
+local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
+for i = 1, #KEYS / 2 do
+  local lock, counter = KEYS[2 * i - 1], KEYS[2 * i]
+  if redis.call('SET', lock, ARGV[2 + i], 'NX', 'PX', ARGV[1]) then
+    local last = tonumber(redis.call('GET', counter) or '0')
+    local fence = math.max(now_us, last + 1)
+    redis.call('SET', counter, string.format('%d', fence), 'PX', ARGV[2])
+    fences[i] = fence
+  else
+    fences[i] = 0
+  end
+end
+return fences
+";
+
 /// Compare-and-extend: only the owner may push the expiry out.
 /// KEYS: lock. ARGV: owner token, lease ms. Returns 1 if extended, 0 if not the owner.
 const RENEW: &str = r"
@@ -45,15 +67,35 @@ end
 return 0
 ";
 
+/// [`RELEASE`] for many locks in one round trip.
+/// KEYS: locks. ARGV: their owner tokens, in the same order. Returns how many were deleted.
+const RELEASE_MANY: &str = r"
+local deleted = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i] then
+    deleted = deleted + redis.call('DEL', KEYS[i])
+  end
+end
+return deleted
+";
+
 /// The scripts, hashed once; `EVALSHA` falls back to loading them (e.g. after a restart).
 pub(crate) struct Scripts {
     pub(crate) acquire: Script,
+    pub(crate) acquire_many: Script,
     pub(crate) renew: Script,
     pub(crate) release: Script,
+    pub(crate) release_many: Script,
 }
 
 impl Scripts {
     pub(crate) fn new() -> Self {
-        Self { acquire: Script::new(ACQUIRE), renew: Script::new(RENEW), release: Script::new(RELEASE) }
+        Self {
+            acquire: Script::new(ACQUIRE),
+            acquire_many: Script::new(ACQUIRE_MANY),
+            renew: Script::new(RENEW),
+            release: Script::new(RELEASE),
+            release_many: Script::new(RELEASE_MANY),
+        }
     }
 }

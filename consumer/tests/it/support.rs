@@ -171,7 +171,7 @@ impl World {
         if let Err(err) = resync_migrations::migrate(&Service::Postgres.url(), &schema).await {
             service_unreachable(Service::Postgres, err);
         }
-        let pool = PgPool::connect(&Service::Postgres.url())
+        let pool = resync_consumer::store::connect(&Service::Postgres.url(), 10)
             .await
             .unwrap_or_else(|e| service_unreachable(Service::Postgres, e));
         let queue = unique_name("cq");

@@ -194,3 +194,28 @@ async fn connect_to_nothing_fails_with_a_connect_error() {
 
     assert!(matches!(err, LockError::Connect { .. }), "got {err:?}");
 }
+
+#[tokio::test]
+async fn many_keys_are_acquired_and_released_in_one_call_each_on_its_own() {
+    let locker = locker(calm_config()).await;
+    let mut conn = raw().await;
+    let (free_a, busy, free_b) = (unique_name("lk"), unique_name("lk"), unique_name("lk"));
+    let held = locker.try_acquire(&busy).await.expect("redis").expect("free key is acquired");
+
+    let guards = locker.try_acquire_many(&[&free_a, &busy, &free_b]).await.expect("redis");
+
+    assert!(guards[0].is_some() && guards[2].is_some(), "free keys are acquired");
+    assert!(guards[1].is_none(), "a held key is not acquired, and does not stop the others");
+    let fences: Vec<u64> = guards.iter().flatten().map(|g| g.fence()).collect();
+    assert!(fences.iter().all(|f| *f > 0), "every acquired lock has a fencing token: {fences:?}");
+    let signals: Vec<_> = guards.iter().flatten().map(|g| g.lost_signal()).collect();
+
+    let deleted = locker.release_many(guards.into_iter().flatten().collect()).await.expect("redis");
+
+    assert_eq!(deleted, 2);
+    assert_eq!(get(&mut conn, &free_a).await, None);
+    assert_eq!(get(&mut conn, &free_b).await, None);
+    assert!(get(&mut conn, &busy).await.is_some(), "the other holder's lock is untouched");
+    assert!(signals.iter().all(|s| s.is_lost()), "released guards report it");
+    assert_eq!(held.release().await.expect("release"), Release::Released);
+}
