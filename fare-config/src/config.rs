@@ -1,0 +1,599 @@
+//! The service config format: one TOML file per service, read from a directory, validated as a
+//! whole (every error names the file, the key and what is expected).
+//!
+//! ```toml
+//! name = "channel-sync"
+//! publishes = []                        # event types this service emits
+//!
+//! [[subscriptions]]
+//! types = ["listing.*"]                 # `entity.verb` or `entity.*`
+//! streams = ["live", "resync"]          # default: both
+//! max_receive_count = 5                 # deliveries before the dead-letter queue
+//! visibility_timeout = "30s"            # SQS; renewed while an event is being handled
+//!
+//! [sink]                                # used by `resync consume`
+//! url = "https://api.example.com/listings/{entity_id}"
+//! headers = { Authorization = "Bearer ${CHANNEL_API_TOKEN}" }
+//!
+//! [consumer]
+//! concurrency = 32
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use resync_bus::Stream;
+use resync_bus::transport::QueueSpec;
+use serde::Deserialize;
+
+/// A config problem, located.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: `{key}`: {problem}", file.display())]
+    Invalid { file: PathBuf, key: String, problem: String },
+    #[error("{}: {detail}", file.display())]
+    Parse { file: PathBuf, detail: String },
+    #[error("{}: {detail}", dir.display())]
+    Directory { dir: PathBuf, detail: String },
+}
+
+fn invalid(file: &Path, key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { file: file.to_path_buf(), key: key.into(), problem: problem.into() }
+}
+
+/// Every service of a system, as declared in a directory of config files.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Catalog {
+    /// Sorted by name.
+    pub services: Vec<ServiceConfig>,
+}
+
+impl Catalog {
+    pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| s.name == name)
+    }
+
+    /// Checks what only the whole system can tell: unique names, and subscriptions to types
+    /// someone publishes.
+    pub fn new(mut services: Vec<ServiceConfig>) -> Result<Self, ConfigError> {
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        for pair in services.windows(2) {
+            if pair[0].name == pair[1].name {
+                return Err(invalid(
+                    &pair[1].source_file,
+                    "name",
+                    format!(
+                        "service `{}` is also declared in {}; each service has one config file",
+                        pair[1].name,
+                        pair[0].source_file.display()
+                    ),
+                ));
+            }
+        }
+        let published: BTreeSet<&str> =
+            services.iter().flat_map(|s| s.publishes.iter().map(String::as_str)).collect();
+        for service in &services {
+            for (i, subscription) in service.subscriptions.iter().enumerate() {
+                for (j, pattern) in subscription.types.iter().enumerate() {
+                    let matched = published.iter().any(|t| resync_bus::Filter::types([pattern]).matches(t));
+                    if !matched {
+                        return Err(invalid(
+                            &service.source_file,
+                            format!("subscriptions[{i}].types[{j}]"),
+                            format!(
+                                "no service publishes an event matching `{pattern}` (add it to some service's `publishes`)"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(Self { services })
+    }
+
+    /// Entity types someone publishes: each has a topic per stream.
+    pub fn published_entities(&self) -> BTreeSet<String> {
+        self.services
+            .iter()
+            .flat_map(|s| s.publishes.iter())
+            .filter_map(|t| t.split_once('.').map(|(entity, _)| entity.to_string()))
+            .collect()
+    }
+}
+
+/// One service, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub publishes: Vec<String>,
+    pub subscriptions: Vec<Subscription>,
+    pub sink: Option<SinkSpec>,
+    pub consumer: ConsumerSpec,
+    pub source_file: PathBuf,
+}
+
+impl ServiceConfig {
+    /// The (stream, queue) pairs this service consumes, one queue per stream.
+    pub fn queues(&self, namespace: Option<&str>) -> Vec<(Stream, QueueSpec)> {
+        let mut queues: BTreeMap<&'static str, (Stream, QueueSpec)> = BTreeMap::new();
+        for subscription in &self.subscriptions {
+            for stream in &subscription.streams {
+                queues.entry(stream.as_str()).or_insert_with(|| {
+                    let mut spec =
+                        QueueSpec::new(resync_bus::naming::queue_name(namespace, &self.name, *stream));
+                    spec.max_receive_count = subscription.max_receive_count;
+                    spec.visibility_timeout = subscription.visibility_timeout;
+                    (*stream, spec)
+                });
+            }
+        }
+        queues.into_values().collect()
+    }
+}
+
+/// Event types a service receives on some streams, with the settings of their queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subscription {
+    pub types: Vec<String>,
+    pub streams: Vec<Stream>,
+    pub max_receive_count: u32,
+    pub visibility_timeout: Duration,
+}
+
+/// The built-in HTTP sink, as `resync consume` builds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkSpec {
+    pub name: Option<String>,
+    pub url: String,
+    pub method: String,
+    pub delete_method: String,
+    /// Values may reference env vars as `${VAR}`; resolved by the consumer at startup.
+    pub headers: BTreeMap<String, String>,
+    pub timeout: Duration,
+}
+
+/// How `resync consume` runs for this service (flags override).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsumerSpec {
+    pub concurrency: usize,
+    pub prefetch: u16,
+    pub batch_size: usize,
+}
+
+impl Default for ConsumerSpec {
+    fn default() -> Self {
+        Self { concurrency: 32, prefetch: 32, batch_size: 16 }
+    }
+}
+
+// ---- the file format ---------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceFile {
+    name: String,
+    #[serde(default)]
+    publishes: Vec<String>,
+    #[serde(default)]
+    subscriptions: Vec<SubscriptionFile>,
+    sink: Option<SinkFile>,
+    #[serde(default)]
+    consumer: ConsumerFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscriptionFile {
+    types: Vec<String>,
+    streams: Option<Vec<String>>,
+    max_receive_count: Option<u32>,
+    visibility_timeout: Option<String>,
+    fifo: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SinkFile {
+    name: Option<String>,
+    url: String,
+    method: Option<String>,
+    delete_method: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsumerFile {
+    concurrency: Option<usize>,
+    prefetch: Option<u16>,
+    batch_size: Option<usize>,
+}
+
+/// Longest service name: `<ns>-<service>-resync-dlq` must fit SQS's 80 characters with a
+/// namespace of up to 20.
+const MAX_SERVICE_NAME: usize = 40;
+const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 3600);
+
+/// Reads every `*.toml` file of `dir` (not recursive) into a validated catalog.
+pub fn load_dir(dir: &Path) -> Result<Catalog, ConfigError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| ConfigError::Directory {
+        dir: dir.to_path_buf(),
+        detail: format!("cannot read the service config directory: {e}"),
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|ext| ext == "toml"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ConfigError::Directory {
+            dir: dir.to_path_buf(),
+            detail: "no service config files (*.toml) found".into(),
+        });
+    }
+    let services = files
+        .iter()
+        .map(|file| {
+            let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Parse {
+                file: file.clone(),
+                detail: format!("cannot read: {e}"),
+            })?;
+            parse_service(file, &text)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Catalog::new(services)
+}
+
+/// Parses and validates one service file's text; `file` is only used in errors.
+pub fn load_str(file: impl AsRef<Path>, text: &str) -> Result<ServiceConfig, ConfigError> {
+    parse_service(file.as_ref(), text)
+}
+
+fn parse_service(file: &Path, text: &str) -> Result<ServiceConfig, ConfigError> {
+    let raw: ServiceFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        file: file.to_path_buf(),
+        detail: e.to_string().trim().to_string(),
+    })?;
+    validate_service(file, raw)
+}
+
+fn validate_service(file: &Path, raw: ServiceFile) -> Result<ServiceConfig, ConfigError> {
+    check_name(file, "name", &raw.name)?;
+    for (i, event_type) in raw.publishes.iter().enumerate() {
+        check_event_type(file, &format!("publishes[{i}]"), event_type, false)?;
+    }
+    let mut subscriptions = Vec::new();
+    for (i, sub) in raw.subscriptions.into_iter().enumerate() {
+        subscriptions.push(validate_subscription(file, i, sub)?);
+    }
+    check_queue_settings_agree(file, &subscriptions)?;
+    let sink = raw.sink.map(|s| validate_sink(file, s)).transpose()?;
+    let consumer = validate_consumer(file, raw.consumer)?;
+    Ok(ServiceConfig {
+        name: raw.name,
+        publishes: raw.publishes,
+        subscriptions,
+        sink,
+        consumer,
+        source_file: file.to_path_buf(),
+    })
+}
+
+/// Lowercase letters, digits and `-`, starting with a letter: valid in SQS queue names, SNS
+/// topic names and AMQP names alike, and unambiguous once joined with `-`.
+fn check_name(file: &Path, key: &str, name: &str) -> Result<(), ConfigError> {
+    let valid = name.len() <= MAX_SERVICE_NAME
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.ends_with('-');
+    if valid {
+        Ok(())
+    } else {
+        Err(invalid(
+            file,
+            key,
+            format!(
+                "`{name}` is not a valid name: expected lowercase letters, digits and `-`, starting with a \
+                 letter, at most {MAX_SERVICE_NAME} characters (it becomes part of queue names)"
+            ),
+        ))
+    }
+}
+
+/// `entity.verb`, or `entity.*` where wildcards are allowed; the entity names a topic.
+fn check_event_type(file: &Path, key: &str, text: &str, wildcard: bool) -> Result<(), ConfigError> {
+    let word = |w: &str| {
+        w.starts_with(|c: char| c.is_ascii_lowercase())
+            && w.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    let valid = match text.split_once('.') {
+        Some((entity, verb)) => {
+            word(entity) && entity.len() <= 40 && (word(verb) || (wildcard && verb == "*"))
+        }
+        None => false,
+    };
+    if valid {
+        return Ok(());
+    }
+    let expected = if wildcard { "`entity.verb` or `entity.*`" } else { "`entity.verb`" };
+    Err(invalid(
+        file,
+        key,
+        format!("`{text}` is not an event type: expected {expected}, lowercase letters, digits and `_`"),
+    ))
+}
+
+fn validate_subscription(file: &Path, i: usize, raw: SubscriptionFile) -> Result<Subscription, ConfigError> {
+    let key = |k: &str| format!("subscriptions[{i}].{k}");
+    if raw.types.is_empty() {
+        return Err(invalid(file, key("types"), "expected at least one event type"));
+    }
+    for (j, t) in raw.types.iter().enumerate() {
+        check_event_type(file, &key(&format!("types[{j}]")), t, true)?;
+    }
+    let streams = match raw.streams {
+        None => vec![Stream::Live, Stream::Resync],
+        Some(names) if names.is_empty() => {
+            return Err(invalid(file, key("streams"), "expected at least one of `live`, `resync`"));
+        }
+        Some(names) => {
+            let mut streams = Vec::new();
+            for (j, name) in names.iter().enumerate() {
+                let stream: Stream = name.parse().map_err(|_| {
+                    invalid(
+                        file,
+                        key(&format!("streams[{j}]")),
+                        format!("`{name}`: expected `live` or `resync`"),
+                    )
+                })?;
+                if streams.contains(&stream) {
+                    return Err(invalid(file, key("streams"), format!("`{name}` is listed twice")));
+                }
+                streams.push(stream);
+            }
+            streams
+        }
+    };
+    let max_receive_count = raw.max_receive_count.unwrap_or(5);
+    if !(1..=1000).contains(&max_receive_count) {
+        return Err(invalid(
+            file,
+            key("max_receive_count"),
+            format!("{max_receive_count}: expected 1 to 1000"),
+        ));
+    }
+    let visibility_timeout = match raw.visibility_timeout {
+        None => Duration::from_secs(30),
+        Some(text) => {
+            parse_duration(file, &key("visibility_timeout"), &text, Duration::from_secs(1), MAX_VISIBILITY)?
+        }
+    };
+    if raw.fifo == Some(true) {
+        return Err(invalid(
+            file,
+            key("fifo"),
+            "FIFO queues are not supported: resync orders events by entity version, not by queue \
+             order, so standard queues are correct and scale further (remove the key or set it to false)",
+        ));
+    }
+    Ok(Subscription { types: raw.types, streams, max_receive_count, visibility_timeout })
+}
+
+/// One queue per (service, stream): every subscription feeding it must ask for the same
+/// queue settings.
+fn check_queue_settings_agree(file: &Path, subscriptions: &[Subscription]) -> Result<(), ConfigError> {
+    let mut first: BTreeMap<&'static str, (usize, u32, Duration)> = BTreeMap::new();
+    for (i, sub) in subscriptions.iter().enumerate() {
+        for stream in &sub.streams {
+            let settings = (i, sub.max_receive_count, sub.visibility_timeout);
+            match first.get(stream.as_str()) {
+                None => {
+                    first.insert(stream.as_str(), settings);
+                }
+                Some(&(j, count, visibility)) if (count, visibility) != (settings.1, settings.2) => {
+                    return Err(invalid(
+                        file,
+                        format!("subscriptions[{i}]"),
+                        format!(
+                            "max_receive_count/visibility_timeout differ from subscriptions[{j}], which feeds \
+                             the same `{stream}` queue; one queue has one setting"
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_sink(file: &Path, raw: SinkFile) -> Result<SinkSpec, ConfigError> {
+    if !(raw.url.starts_with("http://") || raw.url.starts_with("https://")) {
+        return Err(invalid(file, "sink.url", format!("`{}`: expected an http:// or https:// URL", raw.url)));
+    }
+    let method = raw.method.unwrap_or_else(|| "PUT".into()).to_ascii_uppercase();
+    if !["PUT", "POST", "PATCH"].contains(&method.as_str()) {
+        return Err(invalid(file, "sink.method", format!("`{method}`: expected PUT, POST or PATCH")));
+    }
+    let delete_method = raw.delete_method.unwrap_or_else(|| "DELETE".into()).to_ascii_uppercase();
+    if !["DELETE", "PUT", "POST", "PATCH"].contains(&delete_method.as_str()) {
+        return Err(invalid(
+            file,
+            "sink.delete_method",
+            format!("`{delete_method}`: expected DELETE, PUT, POST or PATCH"),
+        ));
+    }
+    for (name, value) in &raw.headers {
+        let secret_like =
+            ["authorization", "x-api-key", "api-key", "cookie"].contains(&name.to_ascii_lowercase().as_str());
+        if secret_like && !value.contains("${") {
+            return Err(invalid(
+                file,
+                format!("sink.headers.{name}"),
+                "credentials must come from the environment: write the value as `${VAR}` (e.g. \
+                 `Bearer ${API_TOKEN}`), never the secret itself",
+            ));
+        }
+    }
+    let timeout = match raw.timeout {
+        None => Duration::from_secs(10),
+        Some(text) => {
+            parse_duration(file, "sink.timeout", &text, Duration::from_millis(1), Duration::from_secs(300))?
+        }
+    };
+    Ok(SinkSpec { name: raw.name, url: raw.url, method, delete_method, headers: raw.headers, timeout })
+}
+
+fn validate_consumer(file: &Path, raw: ConsumerFile) -> Result<ConsumerSpec, ConfigError> {
+    let defaults = ConsumerSpec::default();
+    let spec = ConsumerSpec {
+        concurrency: raw.concurrency.unwrap_or(defaults.concurrency),
+        prefetch: raw.prefetch.unwrap_or(defaults.prefetch),
+        batch_size: raw.batch_size.unwrap_or(defaults.batch_size),
+    };
+    if !(1..=4096).contains(&spec.concurrency) {
+        return Err(invalid(
+            file,
+            "consumer.concurrency",
+            format!("{}: expected 1 to 4096", spec.concurrency),
+        ));
+    }
+    if spec.prefetch == 0 {
+        return Err(invalid(file, "consumer.prefetch", "0: expected 1 to 65535"));
+    }
+    if !(1..=1000).contains(&spec.batch_size) {
+        return Err(invalid(file, "consumer.batch_size", format!("{}: expected 1 to 1000", spec.batch_size)));
+    }
+    Ok(spec)
+}
+
+fn parse_duration(
+    file: &Path,
+    key: &str,
+    text: &str,
+    min: Duration,
+    max: Duration,
+) -> Result<Duration, ConfigError> {
+    let value = humantime::parse_duration(text)
+        .map_err(|e| invalid(file, key, format!("`{text}`: expected a duration like `30s` or `5m` ({e})")))?;
+    if value < min || value > max {
+        return Err(invalid(
+            file,
+            key,
+            format!(
+                "`{text}`: expected between {} and {}",
+                humantime::format_duration(min),
+                humantime::format_duration(max)
+            ),
+        ));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHANNEL_SYNC: &str = r#"
+name = "channel-sync"
+
+[[subscriptions]]
+types = ["listing.*"]
+visibility_timeout = "45s"
+
+[sink]
+url = "http://127.0.0.1:8088/entities/listing/{entity_id}"
+headers = { Authorization = "Bearer ${CHANNEL_TOKEN}" }
+"#;
+
+    const LISTINGS: &str = r#"
+name = "listings"
+publishes = ["listing.created", "listing.updated", "listing.deleted"]
+"#;
+
+    fn error(text: &str) -> String {
+        load_str("svc.toml", text).expect_err("invalid").to_string()
+    }
+
+    #[test]
+    fn a_valid_service_gets_defaults_and_one_queue_per_stream() {
+        let service = load_str("channel-sync.toml", CHANNEL_SYNC).expect("valid");
+        let queues = service.queues(Some("dev"));
+        let names: Vec<&str> = queues.iter().map(|(_, q)| q.name.as_str()).collect();
+        assert_eq!(names, ["dev-channel-sync-live", "dev-channel-sync-resync"]);
+        assert_eq!(queues[0].1.max_receive_count, 5);
+        assert_eq!(queues[0].1.visibility_timeout, Duration::from_secs(45));
+        let sink = service.sink.expect("sink");
+        assert_eq!((sink.method.as_str(), sink.delete_method.as_str()), ("PUT", "DELETE"));
+        assert_eq!(service.consumer, ConsumerSpec::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = error("name = \"a\"\n[[subscriptions]]\ntypes = [\"listing.*\"]\ntyps = 1\n");
+        assert!(err.starts_with("svc.toml:") && err.contains("unknown field `typs`"), "{err}");
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_key() {
+        let cases = [
+            ("name = \"Bad_Name\"", "`name`"),
+            ("name = \"a\"\npublishes = [\"listing\"]", "`publishes[0]`"),
+            (
+                "name = \"a\"\n[[subscriptions]]\ntypes = [\"listing.*\"]\nstreams = [\"later\"]",
+                "`subscriptions[0].streams[0]`",
+            ),
+            (
+                "name = \"a\"\n[[subscriptions]]\ntypes = [\"listing.*\"]\nmax_receive_count = 0",
+                "`subscriptions[0].max_receive_count`",
+            ),
+            (
+                "name = \"a\"\n[[subscriptions]]\ntypes = [\"listing.*\"]\nvisibility_timeout = \"soon\"",
+                "`subscriptions[0].visibility_timeout`",
+            ),
+            (
+                "name = \"a\"\n[[subscriptions]]\ntypes = [\"listing.*\"]\nfifo = true",
+                "`subscriptions[0].fifo`",
+            ),
+            ("name = \"a\"\n[sink]\nurl = \"ftp://x\"", "`sink.url`"),
+            (
+                "name = \"a\"\n[sink]\nurl = \"http://x\"\nheaders = { Authorization = \"Bearer s3cret\" }",
+                "`sink.headers.Authorization`",
+            ),
+            ("name = \"a\"\n[consumer]\nconcurrency = 0", "`consumer.concurrency`"),
+        ];
+        for (text, key) in cases {
+            let err = error(text);
+            assert!(err.starts_with("svc.toml: ") && err.contains(key), "expected {key} in: {err}");
+        }
+    }
+
+    #[test]
+    fn subscriptions_feeding_one_queue_must_agree_on_its_settings() {
+        let err = error(
+            "name = \"a\"\n[[subscriptions]]\ntypes = [\"listing.*\"]\n\
+             [[subscriptions]]\ntypes = [\"order.*\"]\nstreams = [\"live\"]\nmax_receive_count = 9",
+        );
+        assert!(err.contains("`subscriptions[1]`") && err.contains("subscriptions[0]"), "{err}");
+    }
+
+    #[test]
+    fn the_catalog_rejects_duplicate_services_and_subscriptions_nobody_publishes() {
+        let listings = load_str("listings.toml", LISTINGS).expect("valid");
+        let sync = load_str("channel-sync.toml", CHANNEL_SYNC).expect("valid");
+        let twice = load_str("other.toml", LISTINGS).expect("valid");
+        let err = Catalog::new(vec![listings.clone(), twice]).expect_err("duplicate").to_string();
+        assert!(err.contains("other.toml") && err.contains("listings.toml"), "{err}");
+
+        let err = Catalog::new(vec![sync.clone()]).expect_err("nobody publishes").to_string();
+        assert!(err.contains("channel-sync.toml: `subscriptions[0].types[0]`"), "{err}");
+
+        let catalog = Catalog::new(vec![sync, listings]).expect("valid system");
+        assert_eq!(catalog.services[0].name, "channel-sync");
+        assert_eq!(catalog.published_entities().into_iter().collect::<Vec<_>>(), ["listing"]);
+    }
+}
