@@ -64,6 +64,18 @@ enum Command {
     Pause(StreamArgs),
     /// Let the consumers of a paused stream take messages again.
     Resume(StreamArgs),
+    /// Apply a service's events to its sink: consumes the service's live and resync queues
+    /// (as its fare config declares them) until SIGTERM, then finishes the events in flight.
+    ///
+    /// Run as many as needed; they share the work through the broker and never apply an
+    /// older version of an entity over a newer one. Serves /metrics, /healthz and /readyz.
+    Consume(ConsumeArgs),
+    /// The main job, on the local services: provisions a small system with fare, writes and
+    /// updates listings through the outbox, runs the relay and several consumers against the
+    /// API simulator with faults on (errors, rate limit, latency, late timeouts), injects
+    /// duplicates and a resync, then reports and checks that the third party equals the
+    /// database. Exits non-zero if it does not. `--transport sns-sqs` runs it on the emulator.
+    Demo(DemoArgs),
     /// Maintain the outbox / event log.
     Outbox {
         #[command(subcommand)]
@@ -82,6 +94,59 @@ struct RelayArgs {
     /// Fallback poll interval when no NOTIFY arrives, e.g. 500ms.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     poll_interval: Duration,
+}
+
+#[derive(Args)]
+struct ConsumeArgs {
+    /// The service to consume for, as named in its config file.
+    #[arg(long)]
+    service: String,
+    /// The directory of service config files (the same one `fare` reads).
+    #[arg(long, env = "RESYNC_CONFIG_DIR", default_value = "services")]
+    config_dir: std::path::PathBuf,
+    /// Redis for the per-entity locks.
+    #[arg(long, env = "RESYNC_REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
+    redis_url: String,
+    /// Where to serve /metrics, /healthz and /readyz.
+    #[arg(long, env = "RESYNC_LISTEN", default_value = "0.0.0.0:9465")]
+    listen: SocketAddr,
+    /// Events processed at once (overrides the config's consumer.concurrency).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Messages held from the broker per queue (overrides consumer.prefetch).
+    #[arg(long)]
+    prefetch: Option<u16>,
+    /// Postgres connections of this process.
+    #[arg(long, env = "RESYNC_DB_POOL_SIZE", default_value_t = 4)]
+    db_pool_size: u32,
+    /// How long an entity lock lives without renewal (renewed every third of it while held).
+    #[arg(long, env = "RESYNC_LOCK_LEASE", default_value = "15s", value_parser = humantime::parse_duration)]
+    lock_lease: Duration,
+    /// How long in-flight events may take to finish after SIGTERM.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Redis for the per-entity locks.
+    #[arg(long, env = "RESYNC_REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
+    redis_url: String,
+    /// Listings to create.
+    #[arg(long, default_value_t = 1_000)]
+    entities: usize,
+    /// Update transactions after the creates.
+    #[arg(long, default_value_t = 4_000)]
+    updates: usize,
+    /// Consumers (each with its own broker connection).
+    #[arg(long, default_value_t = 4)]
+    consumers: usize,
+    /// Longest wait for the third party to converge.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    deadline: Duration,
+    /// Keep the demo's schema, queues and topics afterwards.
+    #[arg(long)]
+    keep: bool,
 }
 
 #[derive(Args)]
@@ -138,6 +203,23 @@ async fn main() -> Result<()> {
             println!("schema `{schema}` is up to date");
         }
         Command::Relay(args) => relay(&cli.common, schema, args).await?,
+        Command::Consume(args) => consume(&cli.common, schema, args).await?,
+        Command::Demo(args) => {
+            let options = resync_demo::DemoOptions {
+                transport: cli.common.transport.clone(),
+                database_url: cli.common.database_url.clone(),
+                redis_url: args.redis_url,
+                entities: args.entities,
+                updates: args.updates,
+                consumers: args.consumers,
+                deadline: args.deadline,
+                keep: args.keep,
+                ..resync_demo::DemoOptions::default()
+            };
+            let report = resync_demo::run(&options).await?;
+            println!("{report}");
+            anyhow::ensure!(report.converged(), "the third party does not equal the database");
+        }
         Command::Replay(args) => {
             let sent = replay(&cli.common, &schema, args).await?;
             println!("replayed {sent} events");
@@ -187,6 +269,56 @@ async fn relay(common: &Common, schema: Schema, args: RelayArgs) -> Result<()> {
     let ready = Arc::new(move || matches!(*status.borrow(), RelayStatus::Leader | RelayStatus::Standby));
     serve::serve_health(args.listen, ready, shutdown.clone()).await?;
     relay.run(shutdown).await;
+    transport.close().await?;
+    Ok(())
+}
+
+async fn consume(common: &Common, schema: Schema, args: ConsumeArgs) -> Result<()> {
+    let catalog = fare_config::load_dir(&args.config_dir)?;
+    let mut service = catalog
+        .service(&args.service)
+        .with_context(|| {
+            let known: Vec<&str> = catalog.services.iter().map(|s| s.name.as_str()).collect();
+            format!(
+                "no service `{}` in {} (services there: {})",
+                args.service,
+                args.config_dir.display(),
+                known.join(", ")
+            )
+        })?
+        .clone();
+    if let Some(concurrency) = args.concurrency {
+        service.consumer.concurrency = concurrency;
+    }
+    if let Some(prefetch) = args.prefetch {
+        service.consumer.prefetch = prefetch;
+    }
+    let lock = resync_locks::LockConfig {
+        lease: args.lock_lease,
+        renew_every: args.lock_lease / 3,
+        op_timeout: (args.lock_lease / 5).min(Duration::from_secs(2)),
+        ..resync_locks::LockConfig::default()
+    };
+    let runtime = resync_consumer::service::Runtime {
+        database_url: common.database_url.clone(),
+        schema,
+        namespace: common.namespace.clone(),
+        redis_url: args.redis_url,
+        lock,
+        db_pool_size: args.db_pool_size,
+    };
+    let transport = TransportConfig::named(&common.transport)?.connect().await?;
+    let mut consumer = resync_consumer::service::build(&service, transport.clone(), &runtime).await?;
+    consumer.set_shutdown_grace(args.shutdown_grace);
+    let consumer = Arc::new(consumer);
+    let shutdown = serve::shutdown_on_signals();
+    let ready = {
+        let consumer = consumer.clone();
+        Arc::new(move || consumer.ready())
+    };
+    serve::serve_health(args.listen, ready, shutdown.clone()).await?;
+    tracing::info!(service = %service.name, transport = %common.transport, "consumer starting");
+    consumer.run(shutdown).await?;
     transport.close().await?;
     Ok(())
 }

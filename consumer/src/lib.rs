@@ -16,10 +16,11 @@ pub mod control;
 pub mod decision;
 mod process;
 mod runner;
+pub mod service;
 pub mod sink;
 pub mod store;
 
-pub use process::{Outcome, Processor, RetryPolicy};
+pub use process::{Outcome, Processor, RetryPolicy, Tally};
 pub use runner::{Consumer, ConsumerConfig, ConsumerError, QueueState};
 pub use sink::http::{HttpSink, HttpSinkConfig};
 pub use sink::{Sink, SinkError, SinkWrite};

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -63,6 +64,41 @@ impl Outcome {
             Outcome::DeadLettered => "dead_lettered",
             Outcome::Requeued => "requeued",
         }
+    }
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 7] = [
+        Outcome::Applied,
+        Outcome::Repaired,
+        Outcome::SkippedUnchanged,
+        Outcome::Stale,
+        Outcome::Duplicate,
+        Outcome::DeadLettered,
+        Outcome::Requeued,
+    ];
+}
+
+/// Counts of what a processor did, for reports (the demo, jobs) beside the Prometheus metrics.
+#[derive(Debug, Default)]
+pub struct Tally {
+    outcomes: [AtomicU64; Outcome::ALL.len()],
+    retries: AtomicU64,
+}
+
+impl Tally {
+    pub fn record(&self, outcome: Outcome) {
+        self.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many events ended with `outcome`.
+    pub fn count(&self, outcome: Outcome) -> u64 {
+        self.outcomes[outcome as usize].load(Ordering::Relaxed)
+    }
+
+    /// Sink calls that failed transiently and were tried again.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
     }
 }
 
@@ -143,6 +179,7 @@ pub struct Processor {
     pub(crate) limits: DecodeLimits,
     /// Prefix of lock keys (the namespace), so environments sharing a Redis do not collide.
     pub(crate) lock_prefix: String,
+    tally: Arc<Tally>,
 }
 
 impl Processor {
@@ -153,7 +190,20 @@ impl Processor {
         retry: RetryPolicy,
         lock_prefix: String,
     ) -> Self {
-        Self { store, locker, sink, retry, limits: DecodeLimits::default(), lock_prefix }
+        Self {
+            store,
+            locker,
+            sink,
+            retry,
+            limits: DecodeLimits::default(),
+            lock_prefix,
+            tally: Arc::default(),
+        }
+    }
+
+    /// What this processor did so far.
+    pub fn tally(&self) -> Arc<Tally> {
+        self.tally.clone()
     }
 
     /// Handles one delivery to the end: it is settled when this returns.
@@ -581,6 +631,7 @@ impl Processor {
                     let backoff = delays.next().unwrap_or(self.retry.max_backoff);
                     let delay = err.retry_after().map_or(backoff, |hint| hint.max(backoff));
                     metrics::counter!("resync_consumer_retries_total").increment(1);
+                    self.tally.retries.fetch_add(1, Ordering::Relaxed);
                     debug!(attempt, error = %err, retry_in = ?delay, "sink call failed; retrying");
                     tokio::time::sleep(delay).await;
                     attempt += 1;

@@ -90,6 +90,16 @@ impl Consumer {
         Self { transport, processor: Arc::new(processor), pool, schema, config, states }
     }
 
+    /// How long in-flight events may take to finish after shutdown is requested.
+    pub fn set_shutdown_grace(&mut self, grace: Duration) {
+        self.config.shutdown_grace = grace;
+    }
+
+    /// What this consumer did so far.
+    pub fn tally(&self) -> Arc<crate::Tally> {
+        self.processor.tally()
+    }
+
     /// True when every queue is consuming or paused on purpose.
     pub fn ready(&self) -> bool {
         self.states.iter().all(|s| matches!(*s.borrow(), QueueState::Consuming | QueueState::Paused))
@@ -210,9 +220,11 @@ impl QueueLoop {
                     }
                     let processor = self.processor.clone();
                     in_flight.spawn(async move {
+                        let tally = processor.tally();
                         for outcome in processor.handle_batch(batch).await {
                             metrics::counter!("resync_consumer_events_total", "outcome" => outcome.label())
                                 .increment(1);
+                            tally.record(outcome);
                         }
                         drop(used);
                     });
