@@ -1,3 +1,4 @@
 //! The `resync` binary end to end: real processes, real signals, real services.
 
+mod consume;
 mod relay;

@@ -76,7 +76,7 @@ fn free_port() -> SocketAddr {
 }
 
 /// A child process killed when the test ends, also when it fails.
-struct Process(Child);
+pub(crate) struct Process(pub(crate) Child);
 
 impl Drop for Process {
     fn drop(&mut self) {

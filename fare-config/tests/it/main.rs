@@ -1,0 +1,3 @@
+//! `fare apply` against the real brokers: RabbitMQ and the SNS/SQS emulator.
+
+mod apply;
