@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use resync_bus::Stream;
 use resync_bus::transport::QueueSpec;
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 /// A config problem, located.
@@ -169,47 +170,80 @@ impl Default for ConsumerSpec {
 
 // ---- the file format ---------------------------------------------------------------------
 
-#[derive(Debug, Deserialize)]
+/// One service's config file (`<service>.toml` in the config directory).
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(title = "resync service config")]
 struct ServiceFile {
+    /// The service: lowercase letters, digits and `-`, starting with a letter, at most 40
+    /// characters; part of its queue names.
     name: String,
+    /// Event types this service emits, `entity.verb`; each entity gets a topic per stream.
     #[serde(default)]
     publishes: Vec<String>,
+    /// What this service receives.
     #[serde(default)]
     subscriptions: Vec<SubscriptionFile>,
+    /// Where `resync consume` applies this service's events.
     sink: Option<SinkFile>,
+    /// How `resync consume` runs for this service.
     #[serde(default)]
     consumer: ConsumerFile,
 }
 
-#[derive(Debug, Deserialize)]
+/// Event types received on some streams, and the settings of the queue they arrive in.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct SubscriptionFile {
+    /// `entity.verb` or `entity.*`; each must match a type some service publishes.
     types: Vec<String>,
+    /// `live` and/or `resync` (default both).
     streams: Option<Vec<String>>,
+    /// Deliveries before a message goes to the dead-letter queue (default 5, 1 to 1000).
     max_receive_count: Option<u32>,
+    /// SQS visibility timeout, e.g. `30s` (default), at most `12h`.
     visibility_timeout: Option<String>,
+    /// Not supported (resync orders by entity version); only `false` is accepted.
     fifo: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+/// The built-in HTTP sink.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct SinkFile {
+    /// Name applied versions are tracked under (default: the service name).
     name: Option<String>,
+    /// `http(s)://...` with `{entity_type}` and `{entity_id}` placeholders.
     url: String,
+    /// Upserts: PUT (default), POST or PATCH.
     method: Option<String>,
+    /// Tombstones: DELETE (default), PUT, POST or PATCH.
     delete_method: Option<String>,
+    /// Extra headers; `${VAR}` is read from the environment (credentials must be).
     #[serde(default)]
     headers: BTreeMap<String, String>,
+    /// Per-request timeout, e.g. `10s` (default).
     timeout: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// `resync consume` settings (flags override).
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ConsumerFile {
+    /// Events in flight per process (default 32).
     concurrency: Option<usize>,
+    /// Messages held from the broker per queue (default 32).
     prefetch: Option<u16>,
+    /// Events locked, read and recorded together (default 16).
     batch_size: Option<usize>,
+}
+
+/// The JSON Schema of a service config file, as checked in at `docs/fare-config.schema.json`.
+pub fn json_schema() -> String {
+    let schema = schemars::schema_for!(ServiceFile);
+    let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
+    text.push('\n');
+    text
 }
 
 /// Longest service name: `<ns>-<service>-resync-dlq` must fit SQS's 80 characters with a

@@ -49,7 +49,7 @@ impl World {
             config_dir.join("sync.toml"),
             format!(
                 "name = \"sync\"\n[[subscriptions]]\ntypes = [\"listing.*\"]\nmax_receive_count = 20\n\
-                 [sink]\nurl = \"{}/entities/listing/{{entity_id}}\"\ntimeout = \"2s\"\n\
+                 [sink]\nurl = \"{}/entities/listing/{{entity_id}}\"\ntimeout = \"10s\"\n\
                  [consumer]\nconcurrency = 16\nprefetch = 16\nbatch_size = 16\n",
                 api.url()
             ),
@@ -188,7 +188,28 @@ fn faulty_api(seed: u64) -> ApiConfig {
 
 async fn assert_no_stale_overwrite(world: &World) {
     let check = world.client.check().await.expect("apisim check");
-    assert!(check.stale_overwrites.is_empty(), "stale overwrites: {:?}", check.stale_overwrites);
+    if check.stale_overwrites.is_empty() {
+        return;
+    }
+    // The writes of the entities concerned, to tell a retry from a lost lock.
+    let log = world.client.log_all().await.expect("apisim log");
+    let history: Vec<String> = check
+        .stale_overwrites
+        .iter()
+        .flat_map(|stale| log.iter().filter(move |w| w.entity_id == stale.entity_id))
+        .map(|w| {
+            format!(
+                "#{} {} v{:?} {:?} event {:?} at {}",
+                w.seq, w.entity_id, w.version, w.op, w.event_id, w.at
+            )
+        })
+        .collect();
+    panic!(
+        "stale overwrites: {:?}\nwrites:\n{}\n{}",
+        check.stale_overwrites,
+        history.join("\n"),
+        world.consumer_logs()
+    );
 }
 
 async fn four_processes_apply_a_shuffled_duplicated_history(kind: &'static str, entities: usize) {
