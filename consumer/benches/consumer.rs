@@ -27,8 +27,8 @@ use resync_migrations::Schema;
 use resync_testkit::{Service, service_unreachable, unique_name};
 use tokio_util::sync::CancellationToken;
 
-const CONCURRENCY: usize = 256;
-const BATCH: usize = 64;
+const CONCURRENCY: usize = 512;
+const BATCH: usize = 128;
 
 struct NullSink(AtomicU64);
 

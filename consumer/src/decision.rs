@@ -25,7 +25,21 @@ pub enum Decision {
 
 /// The version rule from DESIGN.md: only a strictly newer version may reach the sink, and an
 /// unchanged state need not.
-pub fn decide(event_version: i64, event_hash: &[u8], applied: Option<&Applied>) -> Decision {
+///
+/// `started` is the newest version whose sink call started (see `sink_intents`). If it is newer
+/// than both this event and what was recorded as applied, a consumer died (or gave up) between
+/// that call and recording it: the call may have landed, and its event, unacknowledged, will
+/// be redelivered and applied. This older event is stale already and must not overwrite it.
+pub fn decide(
+    event_version: i64,
+    event_hash: &[u8],
+    applied: Option<&Applied>,
+    started: Option<i64>,
+) -> Decision {
+    let applied_version = applied.map_or(0, |a| a.version);
+    if started.is_some_and(|s| s > event_version && s > applied_version) {
+        return Decision::Stale;
+    }
     match applied {
         None => Decision::Apply,
         Some(a) if a.version > event_version => Decision::Stale,
@@ -54,26 +68,45 @@ mod tests {
     }
 
     #[test]
+    fn an_older_event_is_stale_while_a_newer_call_may_have_landed_unrecorded() {
+        let a = applied(5, json!({"x": 1}));
+        let hash = content_hash(&json!({"x": 2}), false);
+        assert_eq!(decide(6, &hash, Some(&a), Some(7)), Decision::Stale, "7 may be at the sink already");
+        assert_eq!(decide(7, &hash, Some(&a), Some(7)), Decision::Apply, "7 itself is re-sent");
+        assert_eq!(decide(8, &hash, Some(&a), Some(7)), Decision::Apply);
+        assert_eq!(decide(6, &hash, Some(&applied(7, json!({}))), Some(7)), Decision::Stale);
+        assert_eq!(decide(1, &hash, None, Some(2)), Decision::Stale, "also before anything was recorded");
+        assert_eq!(
+            decide(9, &hash, Some(&applied(8, json!({}))), Some(7)),
+            Decision::Apply,
+            "an old intent is moot"
+        );
+    }
+
+    #[test]
     fn first_event_of_an_entity_is_applied() {
-        assert_eq!(decide(1, &content_hash(&json!({}), false), None), Decision::Apply);
+        assert_eq!(decide(1, &content_hash(&json!({}), false), None, None), Decision::Apply);
     }
 
     #[test]
     fn older_and_equal_versions_are_never_sent() {
         let a = applied(5, json!({"x": 1}));
-        assert_eq!(decide(4, &content_hash(&json!({"x": 0}), false), Some(&a)), Decision::Stale);
-        assert_eq!(decide(5, &content_hash(&json!({"x": 1}), false), Some(&a)), Decision::Duplicate);
+        assert_eq!(decide(4, &content_hash(&json!({"x": 0}), false), Some(&a), None), Decision::Stale);
+        assert_eq!(decide(5, &content_hash(&json!({"x": 1}), false), Some(&a), None), Decision::Duplicate);
         // Even with different content: a same-version event is a duplicate by definition.
-        assert_eq!(decide(5, &content_hash(&json!({"x": 9}), false), Some(&a)), Decision::Duplicate);
+        assert_eq!(decide(5, &content_hash(&json!({"x": 9}), false), Some(&a), None), Decision::Duplicate);
     }
 
     #[test]
     fn newer_versions_apply_unless_unchanged() {
         let a = applied(5, json!({"x": 1, "y": 2}));
-        assert_eq!(decide(6, &content_hash(&json!({"x": 2, "y": 2}), false), Some(&a)), Decision::Apply);
+        assert_eq!(
+            decide(6, &content_hash(&json!({"x": 2, "y": 2}), false), Some(&a), None),
+            Decision::Apply
+        );
         // Key order does not matter.
         assert_eq!(
-            decide(6, &content_hash(&json!({"y": 2, "x": 1}), false), Some(&a)),
+            decide(6, &content_hash(&json!({"y": 2, "x": 1}), false), Some(&a), None),
             Decision::SkipUnchanged
         );
     }
@@ -81,6 +114,6 @@ mod tests {
     #[test]
     fn a_tombstone_is_a_change_even_with_the_same_data() {
         let a = applied(5, json!({"x": 1}));
-        assert_eq!(decide(6, &content_hash(&json!({"x": 1}), true), Some(&a)), Decision::Apply);
+        assert_eq!(decide(6, &content_hash(&json!({"x": 1}), true), Some(&a), None), Decision::Apply);
     }
 }

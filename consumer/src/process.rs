@@ -15,7 +15,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::decision::{Decision, content_hash, decide};
 use crate::sink::{Sink, SinkError, SinkWrite};
-use crate::store::{AppliedState, AppliedStore, Cas, CasRequest, EntityId, EntityKey};
+use crate::store::{AppliedState, AppliedStore, Cas, CasRequest, Current, EntityId, EntityKey};
 
 /// How one event is retried and when it is given up.
 #[derive(Debug, Clone)]
@@ -146,6 +146,26 @@ enum FirstRound {
         expected: Option<i64>,
         step: Result<Step, ApplyError>,
     },
+}
+
+/// The version rule's verdict on an entity's newest event in a batch, from the batch read.
+struct Decided {
+    mine: AppliedState,
+    expected: Option<i64>,
+    decision: Decision,
+}
+
+fn decide_first(group: &EntityGroup, current: Option<Current>) -> Option<Decided> {
+    let (current, (_, envelope)) = (current?, group.events.first()?);
+    let mine = applied_state(envelope);
+    let decision = rule(&mine, &current);
+    Some(Decided { expected: current.applied.as_ref().map(|a| a.version), mine, decision })
+}
+
+/// The version rule for `mine` against what is recorded.
+fn rule(mine: &AppliedState, current: &Current) -> Decision {
+    let applied = current.applied.as_ref().map(AppliedState::applied);
+    decide(mine.version, &mine.content_hash, applied.as_ref(), current.started)
 }
 
 fn applied_state(envelope: &Envelope) -> AppliedState {
@@ -284,18 +304,38 @@ impl Processor {
         if locked.is_empty() {
             return Vec::new();
         }
-        let entities: Vec<&EntityId> = locked.iter().map(|(g, _)| &g.entity).collect();
-        let mut current = match self.store.get_many(self.sink.name(), &entities).await {
+        // One statement reads what is applied and records the intent of the calls about to
+        // start (see `sink_intents`).
+        let newest: Vec<(&EntityId, i64)> = locked
+            .iter()
+            .filter_map(|(g, _)| g.events.first().map(|(_, e)| (&g.entity, e.version)))
+            .collect();
+        let mut current = match self.store.read_and_mark(self.sink.name(), &newest).await {
             Ok(current) => Some(current),
             Err(err) => {
-                warn!(error = %err, "batch read of applied versions failed; reading per event");
+                warn!(error = %err, "batch read of applied versions failed; applying per event");
                 None
             }
         };
-        // First round of each entity's newest event: decide and call the sink, concurrently.
-        let firsts = join_all(locked.iter().map(|(group, guard)| {
-            let prefetched = current.as_mut().map(|c| c.remove(&group.entity));
-            self.first_round(group, guard, prefetched)
+        // First round of each entity's newest event: decide, then call the sink, concurrently.
+        let decided: Vec<Option<Decided>> = locked
+            .iter()
+            .map(|(group, _)| {
+                let prefetched = current.as_mut().and_then(|c| c.remove(&group.entity));
+                decide_first(group, prefetched)
+            })
+            .collect();
+        let firsts = join_all(locked.iter().zip(decided).map(|((group, guard), decided)| async move {
+            match decided {
+                Some(d) => {
+                    let key = group.key(self.sink.name());
+                    let span =
+                        group.events.first().map(|(_, e)| event_span(e)).unwrap_or_else(tracing::Span::none);
+                    let step = self.execute(key, &d.mine, d.decision, guard).instrument(span).await;
+                    FirstRound::Prepared { mine: d.mine, expected: d.expected, step }
+                }
+                _ => FirstRound::Unstarted,
+            }
         }))
         .await;
         let cas = self.record_batch(&locked, &firsts).await;
@@ -344,24 +384,6 @@ impl Processor {
         }
         drop(lock);
         outcomes
-    }
-
-    /// Decides the newest event of a locked entity against the prefetched applied state and
-    /// calls the sink if needed; the compare-and-set follows for the whole batch.
-    async fn first_round(
-        &self,
-        group: &EntityGroup,
-        guard: &LockGuard,
-        prefetched: Option<Option<AppliedState>>,
-    ) -> FirstRound {
-        let (Some(current), Some((_, envelope))) = (prefetched, group.events.first()) else {
-            return FirstRound::Unstarted;
-        };
-        let mine = applied_state(envelope);
-        let key = group.key(self.sink.name());
-        let expected = current.as_ref().map(|c| c.version);
-        let step = self.prepare(key, &mine, current.as_ref(), guard).instrument(event_span(envelope)).await;
-        FirstRound::Prepared { mine, expected, step }
     }
 
     /// One compare-and-set statement for every first round that needs one.
@@ -473,6 +495,15 @@ impl Processor {
                 Err(ApplyError::Sink(SinkError::Rejected { status, body })) => {
                     let detail = format!("HTTP {status}: {body}");
                     warn!(status, "sink rejected the event; dead-lettering");
+                    // Nothing landed: older events of the entity may be applied again.
+                    let key = EntityKey {
+                        sink: self.sink.name(),
+                        entity_type: &envelope.entity_type,
+                        entity_id: &envelope.entity_id,
+                    };
+                    if let Err(err) = self.store.clear_intent(key, envelope.version).await {
+                        warn!(error = %err, "could not clear the sink intent; older events stay stale");
+                    }
                     let dead = DeadLetter { reason: DeadLetterReason::SinkRejected { status }, detail };
                     self.dead_letter(delivery, dead).await
                 }
@@ -524,10 +555,22 @@ impl Processor {
         guard: &LockGuard,
     ) -> Result<Outcome, ApplyError> {
         for _ in 0..MAX_ROUNDS {
-            let current =
-                self.store.get(key).await.map_err(|e| infra("reading the applied version")(e.to_string()))?;
-            let expected = current.as_ref().map(|c| c.version);
-            match self.prepare(key, mine, current.as_ref(), guard).await? {
+            let current = self
+                .store
+                .current(key)
+                .await
+                .map_err(|e| infra("reading the applied version")(e.to_string()))?;
+            let expected = current.applied.as_ref().map(|c| c.version);
+            let decision = rule(mine, &current);
+            if decision == Decision::Apply {
+                let entity =
+                    EntityId { entity_type: key.entity_type.into(), entity_id: key.entity_id.into() };
+                self.store
+                    .record_intents(key.sink, &[(&entity, mine.version)])
+                    .await
+                    .map_err(|e| infra("recording the sink intent")(e.to_string()))?;
+            }
+            match self.execute(key, mine, decision, guard).await? {
                 Step::Done(outcome) => return Ok(outcome),
                 Step::Record(decision) => {
                     let cas = self.record(key, expected, mine).await?;
@@ -540,15 +583,16 @@ impl Processor {
         Err(ApplyError::Infrastructure(format!("entity still contended after {MAX_ROUNDS} rounds")))
     }
 
-    /// The first half of a round: the version rule, and the sink call if it says so.
-    async fn prepare(
+    /// The first half of a round, once decided (and for `Apply`, once the intent is recorded):
+    /// the sink call if the rule says so.
+    async fn execute(
         &self,
         key: EntityKey<'_>,
         mine: &AppliedState,
-        current: Option<&AppliedState>,
+        decision: Decision,
         guard: &LockGuard,
     ) -> Result<Step, ApplyError> {
-        match decide(mine.version, &mine.content_hash, current.map(AppliedState::applied).as_ref()) {
+        match decision {
             Decision::Stale => Ok(Step::Done(Outcome::Stale)),
             Decision::Duplicate => Ok(Step::Done(Outcome::Duplicate)),
             Decision::SkipUnchanged => Ok(Step::Record(Decision::SkipUnchanged)),

@@ -26,6 +26,14 @@ impl AppliedState {
     }
 }
 
+/// What the version rule needs to know about an entity: its recorded applied state, and the
+/// newest version whose sink call started (`sink_intents`), which may be ahead of it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Current {
+    pub applied: Option<AppliedState>,
+    pub started: Option<i64>,
+}
+
 /// Identifies one entity at one sink.
 #[derive(Debug, Clone, Copy)]
 pub struct EntityKey<'a> {
@@ -41,12 +49,30 @@ pub struct EntityId {
     pub entity_id: String,
 }
 
+/// A row of the batch read: every column optional, as the entity may be unknown.
 #[derive(sqlx::FromRow)]
-struct AppliedRow {
+struct CurrentRow {
     entity_type: String,
     entity_id: String,
-    #[sqlx(flatten)]
-    state: AppliedState,
+    version: Option<i64>,
+    content_hash: Option<Vec<u8>>,
+    deleted: Option<bool>,
+    data: Option<serde_json::Value>,
+    event_id: Option<Uuid>,
+    started: Option<i64>,
+}
+
+impl CurrentRow {
+    fn into_current(self) -> (EntityId, Current) {
+        let applied = match (self.version, self.content_hash, self.deleted, self.data, self.event_id) {
+            (Some(version), Some(content_hash), Some(deleted), Some(data), Some(event_id)) => {
+                Some(AppliedState { version, content_hash, deleted, data, event_id })
+            }
+            _ => None,
+        };
+        let entity = EntityId { entity_type: self.entity_type, entity_id: self.entity_id };
+        (entity, Current { applied, started: self.started })
+    }
 }
 
 /// One compare-and-set of a batch: record `new` if the entity is still at `expected`.
@@ -144,34 +170,120 @@ impl AppliedStore {
         if recorded { Ok(Cas::Recorded) } else { Ok(Cas::Conflict(self.get(key).await?)) }
     }
 
-    /// The applied state of many entities of `sink` in one query; absent entities were never
-    /// applied.
+    /// The applied state and started version of many entities of `sink` in one query.
     pub async fn get_many(
         &self,
         sink: &str,
         entities: &[&EntityId],
-    ) -> Result<HashMap<EntityId, AppliedState>, sqlx::Error> {
+    ) -> Result<HashMap<EntityId, Current>, sqlx::Error> {
         if entities.is_empty() {
             return Ok(HashMap::new());
         }
         let (types, ids): (Vec<&str>, Vec<&str>) =
             entities.iter().map(|e| (e.entity_type.as_str(), e.entity_id.as_str())).unzip();
-        let rows: Vec<AppliedRow> = sqlx::query_as(self.schema.sql(
-            "SELECT a.entity_type, a.entity_id, a.version, a.content_hash, a.deleted, a.data, a.event_id \
-                 FROM {schema}.applied_versions a \
-                 JOIN unnest($2::text[], $3::text[]) AS k(entity_type, entity_id) \
-                   ON a.entity_type = k.entity_type AND a.entity_id = k.entity_id \
-                 WHERE a.sink = $1",
+        let rows: Vec<CurrentRow> = sqlx::query_as(self.schema.sql(
+            "SELECT k.entity_type, k.entity_id, a.version, a.content_hash, a.deleted, a.data, a.event_id, \
+                    i.version AS started \
+             FROM unnest($2::text[], $3::text[]) AS k(entity_type, entity_id) \
+             LEFT JOIN {schema}.applied_versions a \
+               ON a.sink = $1 AND a.entity_type = k.entity_type AND a.entity_id = k.entity_id \
+             LEFT JOIN {schema}.sink_intents i \
+               ON i.sink = $1 AND i.entity_type = k.entity_type AND i.entity_id = k.entity_id",
         ))
         .bind(sink)
         .bind(types)
         .bind(ids)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|row| (EntityId { entity_type: row.entity_type, entity_id: row.entity_id }, row.state))
-            .collect())
+        Ok(rows.into_iter().map(CurrentRow::into_current).collect())
+    }
+
+    /// [`AppliedStore::get_many`] for a batch of events (entity, event version), which also
+    /// records, in the same statement, the intent of every event that may be sent: newer than
+    /// what is applied and not behind another started call. Returns the state as it was before
+    /// (the version rule needs that); an intent recorded for an event that then turns out
+    /// stale or fails is harmless, as the version rule reads it only against older events.
+    pub async fn read_and_mark(
+        &self,
+        sink: &str,
+        events: &[(&EntityId, i64)],
+    ) -> Result<HashMap<EntityId, Current>, sqlx::Error> {
+        if events.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let types: Vec<&str> = events.iter().map(|(e, _)| e.entity_type.as_str()).collect();
+        let ids: Vec<&str> = events.iter().map(|(e, _)| e.entity_id.as_str()).collect();
+        let versions: Vec<i64> = events.iter().map(|(_, v)| *v).collect();
+        let rows: Vec<CurrentRow> = sqlx::query_as(self.schema.sql(
+            "WITH cur AS ( \
+               SELECT k.entity_type, k.entity_id, k.mine, a.version, a.content_hash, a.deleted, a.data, \
+                      a.event_id, i.version AS started \
+               FROM unnest($2::text[], $3::text[], $4::bigint[]) AS k(entity_type, entity_id, mine) \
+               LEFT JOIN {schema}.applied_versions a \
+                 ON a.sink = $1 AND a.entity_type = k.entity_type AND a.entity_id = k.entity_id \
+               LEFT JOIN {schema}.sink_intents i \
+                 ON i.sink = $1 AND i.entity_type = k.entity_type AND i.entity_id = k.entity_id), \
+             marked AS ( \
+               INSERT INTO {schema}.sink_intents (sink, entity_type, entity_id, version) \
+               SELECT $1, entity_type, entity_id, mine FROM cur \
+               WHERE mine > coalesce(version, 0) AND coalesce(started, 0) <= mine \
+               ON CONFLICT (sink, entity_type, entity_id) DO UPDATE \
+                 SET version = greatest(sink_intents.version, excluded.version), started_at = clock_timestamp()) \
+             SELECT entity_type, entity_id, version, content_hash, deleted, data, event_id, started FROM cur",
+        ))
+        .bind(sink)
+        .bind(types)
+        .bind(ids)
+        .bind(versions)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(CurrentRow::into_current).collect())
+    }
+
+    /// One entity's applied state and started version.
+    pub async fn current(&self, key: EntityKey<'_>) -> Result<Current, sqlx::Error> {
+        let entity =
+            EntityId { entity_type: key.entity_type.to_string(), entity_id: key.entity_id.to_string() };
+        Ok(self.get_many(key.sink, &[&entity]).await?.remove(&entity).unwrap_or_default())
+    }
+
+    /// Records, before the sink calls, that calls for these versions start (kept at the
+    /// highest version per entity), in one statement.
+    pub async fn record_intents(&self, sink: &str, intents: &[(&EntityId, i64)]) -> Result<(), sqlx::Error> {
+        if intents.is_empty() {
+            return Ok(());
+        }
+        let types: Vec<&str> = intents.iter().map(|(e, _)| e.entity_type.as_str()).collect();
+        let ids: Vec<&str> = intents.iter().map(|(e, _)| e.entity_id.as_str()).collect();
+        let versions: Vec<i64> = intents.iter().map(|(_, v)| *v).collect();
+        sqlx::query(self.schema.sql(
+            "INSERT INTO {schema}.sink_intents (sink, entity_type, entity_id, version) \
+             SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bigint[]) \
+             ON CONFLICT (sink, entity_type, entity_id) DO UPDATE \
+               SET version = greatest(sink_intents.version, excluded.version), started_at = clock_timestamp()",
+        ))
+        .bind(sink)
+        .bind(types)
+        .bind(ids)
+        .bind(versions)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets the intent of `version` after the sink refused it for good (nothing landed).
+    pub async fn clear_intent(&self, key: EntityKey<'_>, version: i64) -> Result<(), sqlx::Error> {
+        sqlx::query(self.schema.sql(
+            "DELETE FROM {schema}.sink_intents WHERE sink = $1 AND entity_type = $2 AND entity_id = $3 \
+             AND version = $4",
+        ))
+        .bind(key.sink)
+        .bind(key.entity_type)
+        .bind(key.entity_id)
+        .bind(version)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Many compare-and-sets in one statement (one commit); returns, per request in order,

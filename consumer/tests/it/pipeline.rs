@@ -278,3 +278,41 @@ async fn shutdown_finishes_events_in_flight_and_loses_nothing() {
     })
     .await;
 }
+
+/// A consumer that dies after its sink call and before recording it leaves only its intent:
+/// an older event redelivered meanwhile must not be sent over what may have landed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_between_call_and_record_older_events_are_stale_until_the_newest_is_reapplied() {
+    let world = World::new(rabbitmq().await).await;
+    with_world(world, |w| async move {
+        let events = history(1, 3);
+        w.publish(&events[..1]).await;
+        let consumer = w.consumer(rabbitmq().await, Duration::from_secs(5)).await;
+        let sink = w.sink.clone();
+        run_until(vec![consumer], Duration::from_secs(60), || {
+            let sink = sink.clone();
+            async move { sink.state().get("0") == Some(&(1, false)) }
+        })
+        .await;
+        // Version 3 (a tombstone) was being sent when its consumer died, unrecorded.
+        let store = resync_consumer::AppliedStore::new(w.pool.clone(), w.schema.clone());
+        let entity =
+            resync_consumer::store::EntityId { entity_type: "listing".into(), entity_id: "0".into() };
+        store.record_intents("recording", &[(&entity, 3)]).await.expect("intent");
+
+        // Version 2 comes first (v3's redelivery is later): it must not reach the sink.
+        w.publish(&events[1..2]).await;
+        w.publish(&events[2..]).await;
+        let consumer = w.consumer(rabbitmq().await, Duration::from_secs(5)).await;
+        let tally = consumer.tally();
+        let sink = w.sink.clone();
+        run_until(vec![consumer], Duration::from_secs(60), || {
+            let (sink, tally) = (sink.clone(), tally.clone());
+            async move { sink.state().get("0") == Some(&(3, true)) && tally.count(Outcome::Stale) == 1 }
+        })
+        .await;
+        let versions: Vec<i64> = w.sink.writes.lock().unwrap().iter().map(|w| w.version).collect();
+        assert_eq!(versions, [1, 3], "version 2 was never sent over the possibly-landed version 3");
+    })
+    .await;
+}
