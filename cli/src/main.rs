@@ -307,6 +307,8 @@ async fn consume(common: &Common, schema: Schema, args: ConsumeArgs) -> Result<(
         lock,
         db_pool_size: args.db_pool_size,
     };
+    // Config mistakes first, before any connection is made.
+    resync_consumer::service::http_sink(&service)?;
     let transport = TransportConfig::named(&common.transport)?.connect().await?;
     let mut consumer = resync_consumer::service::build(&service, transport.clone(), &runtime).await?;
     consumer.set_shutdown_grace(args.shutdown_grace);
