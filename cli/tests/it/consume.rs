@@ -18,7 +18,7 @@ use resync_demo::scenario::{Expected, SourceTable, compare, shuffled_history};
 use resync_migrations::Schema;
 use resync_testkit::{Service, service_unreachable, unique_name};
 
-use crate::relay::Process;
+use crate::relay::{Process, eventually, free_port, get};
 
 /// One end-to-end world: a namespace of queues, a schema, a source table, an API simulator.
 struct World {
@@ -104,10 +104,22 @@ impl World {
     }
 
     fn consumer(&self, lock_lease: &str) -> Process {
+        self.consumer_listening(lock_lease, "127.0.0.1:0".parse().expect("addr"))
+    }
+
+    fn consumer_listening(&self, lock_lease: &str, listen: std::net::SocketAddr) -> Process {
         let log = std::fs::File::create(self.config_dir.join(format!("{}.log", unique_name("consumer"))))
             .expect("consumer log");
         let child = Command::new(env!("CARGO_BIN_EXE_resync"))
-            .args(["consume", "--service", "sync", "--listen", "127.0.0.1:0", "--lock-lease", lock_lease])
+            .args([
+                "consume",
+                "--service",
+                "sync",
+                "--listen",
+                &listen.to_string(),
+                "--lock-lease",
+                lock_lease,
+            ])
             .args(["--shutdown-grace", "5s", "--db-pool-size", "3"])
             .env("RESYNC_CONFIG_DIR", &self.config_dir)
             .env("RESYNC_TRANSPORT", self.kind)
@@ -347,5 +359,45 @@ async fn poison_messages_reach_the_dead_letter_queue_with_their_reason_and_the_r
     }
     assert_eq!(reasons, ["invalid-envelope"; 3]);
     let _ = subscription.close().await;
+    world.cleanup().await;
+}
+
+/// SIGTERM: the consumer stops taking messages, finishes and acknowledges what it holds, and
+/// exits cleanly; a consumer started afterwards applies the rest, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_serves_health_and_metrics_and_drains_on_sigterm() {
+    let api = ApiConfig { latency: Some(Latency::Fixed { fixed_ms: 100.0 }), ..ApiConfig::default() };
+    let mut world = World::new("rabbitmq", api).await;
+    let (events, truth) = shuffled_history(600, 1, 0.0, 9);
+    world.publish(&events, truth).await;
+    let listen = free_port();
+    let mut consumer = world.consumer_listening("15s", listen);
+
+    eventually("/readyz answers 200", || async {
+        get(listen, "/readyz").await.is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    assert_eq!(get(listen, "/healthz").await.map(|(s, _)| s), Some(200));
+    eventually("some events applied", || async { world.applied_writes().await >= 20 }).await;
+    let metrics = get(listen, "/metrics").await.expect("metrics").1;
+    assert!(metrics.contains("resync_consumer_events_total{outcome=\"applied\"}"), "{metrics}");
+    assert!(metrics.contains("resync_consumer_sink_latency_seconds"), "{metrics}");
+
+    signal("-TERM", &consumer.0.id().to_string());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = consumer.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the consumer did not exit within 30s of SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit after SIGTERM: {status}\n{}", world.consumer_logs());
+    let applied_at_exit = world.applied_writes().await;
+    assert!(applied_at_exit < 600, "SIGTERM came before the end of the work ({applied_at_exit} applied)");
+
+    let _next = world.consumer("15s");
+    world.wait_until_equal(Duration::from_secs(120)).await;
+    assert_no_stale_overwrite(&world).await;
     world.cleanup().await;
 }

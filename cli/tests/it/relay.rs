@@ -71,7 +71,7 @@ fn resync(schema: &Schema, namespace: &str, args: &[&str]) -> Command {
     command
 }
 
-fn free_port() -> SocketAddr {
+pub(crate) fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr")
 }
 
@@ -98,7 +98,7 @@ fn start_relay(setup: &Setup) -> (Process, SocketAddr) {
 }
 
 /// A bare HTTP/1.0 GET: status code and body, or `None` while nothing listens.
-async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+pub(crate) async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.ok()?;
     let mut response = String::new();
@@ -108,7 +108,7 @@ async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-async fn eventually<F, Fut>(what: &str, mut condition: F)
+pub(crate) async fn eventually<F, Fut>(what: &str, mut condition: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
