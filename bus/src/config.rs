@@ -17,7 +17,7 @@ pub enum TransportConfig {
 
 impl TransportConfig {
     /// Reads `RESYNC_TRANSPORT` (`rabbitmq`, the default; `sns-sqs`; `memory`), then
-    /// `RESYNC_AMQP_URL` or `AWS_ENDPOINT_URL`/`AWS_REGION`.
+    /// `RESYNC_AMQP_URL` (and `RESYNC_AMQP_MANAGEMENT_URL`) or `AWS_ENDPOINT_URL`/`AWS_REGION`.
     pub fn from_env() -> Result<Self, TransportError> {
         let kind = std::env::var("RESYNC_TRANSPORT").unwrap_or_else(|_| "rabbitmq".into());
         Self::named(&kind)
@@ -26,10 +26,15 @@ impl TransportConfig {
     /// The config for a transport name, other settings from env vars.
     pub fn named(kind: &str) -> Result<Self, TransportError> {
         match kind {
-            "rabbitmq" => Ok(Self::RabbitMq(RabbitMqConfig::new(
-                std::env::var("RESYNC_AMQP_URL")
-                    .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-            ))),
+            "rabbitmq" => {
+                let mut config = RabbitMqConfig::new(
+                    std::env::var("RESYNC_AMQP_URL")
+                        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+                );
+                config.management_url =
+                    std::env::var("RESYNC_AMQP_MANAGEMENT_URL").ok().filter(|s| !s.is_empty());
+                Ok(Self::RabbitMq(config))
+            }
             "sns-sqs" => Ok(Self::SnsSqs(SnsSqsConfig::from_env())),
             "memory" => Ok(Self::Memory),
             other => Err(TransportError::Config(format!(

@@ -14,7 +14,7 @@
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let transport = MemoryTransport::new();
-//! transport.declare_topic("listings-live").await?;
+//! transport.declare_topic("listings-live", None).await?;
 //! transport.declare_queue(&QueueSpec::new("search-live")).await?;
 //! transport.bind("listings-live", "search-live", &Filter::types(["listing.*"])).await?;
 //!
@@ -42,7 +42,7 @@ pub use transport::memory::MemoryTransport;
 pub use transport::rabbitmq::{RabbitMqConfig, RabbitMqTransport};
 pub use transport::sns_sqs::{SnsSqsConfig, SnsSqsTransport};
 pub use transport::{
-    Attributes, DeadLetter, DeadLetterReason, Delivery, Destination, FailedEntry, Filter, OutgoingMessage,
-    QueueDepth, QueueSpec, SubscribeOptions, Subscription, Transport, TransportError, attr,
-    dead_letter_queue_name,
+    Attributes, DeadLetter, DeadLetterReason, Delivery, Destination, FailedEntry, Filter, Inventory,
+    OWNER_MARK, ObservedQueue, OutgoingMessage, QueueDepth, QueueSpec, SubscribeOptions, Subscription,
+    Transport, TransportError, attr, dead_letter_queue_name,
 };

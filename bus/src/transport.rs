@@ -10,7 +10,7 @@
 //!   that is dropped unsettled returns to its queue (at once on RabbitMQ and in memory, when
 //!   the visibility timeout expires on SQS), so a crash never loses a message.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -33,6 +33,8 @@ pub mod attr {
     pub const ATTEMPTS: &str = "resync-attempts";
     pub const SOURCE_QUEUE: &str = "resync-source-queue";
     pub const DEAD_LETTERED_AT: &str = "resync-dead-lettered-at";
+    /// Marks a `fare verify` probe; consumers ack probes without handling them.
+    pub const PROBE: &str = "resync-probe";
 }
 
 /// The largest message any transport accepts (the SNS/SQS limit), checked before sending so an
@@ -170,6 +172,9 @@ fn pattern_matches(pattern: &str, event_type: &str) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueSpec {
     pub name: String,
+    /// The ownership mark the queue is created with (see [`OWNER_MARK`]); `None` for queues
+    /// declared outside fare (tests, ad-hoc tools), which `fare prune` never touches.
+    pub owner: Option<String>,
     /// Deliveries before the broker moves a message to the DLQ by itself.
     pub max_receive_count: u32,
     /// How long a received message stays invisible to other consumers (SQS); the subscription
@@ -180,8 +185,41 @@ pub struct QueueSpec {
 
 impl QueueSpec {
     pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into(), max_receive_count: 5, visibility_timeout: Duration::from_secs(30) }
+        Self {
+            name: name.into(),
+            owner: None,
+            max_receive_count: 5,
+            visibility_timeout: Duration::from_secs(30),
+        }
     }
+}
+
+/// The name of the ownership mark resources are created with: the AMQP declare argument
+/// `x-resync-owner` on RabbitMQ, the tag `resync-owner` on SNS topics and SQS queues. Its value
+/// says who created the resource (fare writes `fare:<namespace>`); what carries no mark was not
+/// created by fare and is never deleted by it.
+pub const OWNER_MARK: &str = "resync-owner";
+
+/// What the broker holds: topics, queues and the routes between them, with the settings and
+/// ownership marks that can be read back. Dead-letter queues are not listed on their own; a
+/// queue records whether its dead-letter queue exists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inventory {
+    /// Topic name -> its ownership mark.
+    pub topics: BTreeMap<String, Option<String>>,
+    pub queues: BTreeMap<String, ObservedQueue>,
+    /// (topic, queue) -> the type patterns routed (`*` for everything).
+    pub bindings: BTreeMap<(String, String), BTreeSet<String>>,
+}
+
+/// A queue as the broker reports it. Settings the broker does not have (a visibility timeout
+/// on RabbitMQ) are `None`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObservedQueue {
+    pub owner: Option<String>,
+    pub max_receive_count: Option<u32>,
+    pub visibility_timeout: Option<Duration>,
+    pub has_dead_letter_queue: bool,
 }
 
 /// How many messages a queue holds.
@@ -255,14 +293,24 @@ pub trait Transport: Send + Sync + 'static {
     /// `rabbitmq`, `sns-sqs` or `memory`, for logs and metrics.
     fn kind(&self) -> &'static str;
 
-    /// Creates the topic if it does not exist. Idempotent.
-    async fn declare_topic(&self, topic: &str) -> Result<()>;
+    /// Creates the topic if it does not exist, marked with `owner` (see [`OWNER_MARK`]).
+    /// Idempotent; an existing topic keeps the mark it has.
+    async fn declare_topic(&self, topic: &str, owner: Option<&str>) -> Result<()>;
 
     /// Creates the queue and its dead-letter queue if they do not exist. Idempotent.
     async fn declare_queue(&self, spec: &QueueSpec) -> Result<()>;
 
-    /// Routes messages published to `topic` whose type matches `filter` into `queue`.
+    /// Routes messages published to `topic` whose type matches `filter` into `queue`, in
+    /// addition to what is routed already. Idempotent.
     async fn bind(&self, topic: &str, queue: &str, filter: &Filter) -> Result<()>;
+
+    /// Stops routing the patterns of `filter` from `topic` into `queue`; other patterns stay.
+    /// Unrouted patterns are not an error.
+    async fn unbind(&self, topic: &str, queue: &str, filter: &Filter) -> Result<()>;
+
+    /// The topics and queues whose names start with `prefix`, and the bindings into those
+    /// queues. Reads the broker's admin API (RabbitMQ management plugin, SNS/SQS list calls).
+    async fn inventory(&self, prefix: &str) -> Result<Inventory>;
 
     /// Deletes the queue and its dead-letter queue; a missing queue is not an error.
     async fn delete_queue(&self, queue: &str) -> Result<()>;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::future::join_all;
-use resync_bus::{DeadLetter, DeadLetterReason, DecodeLimits, Delivery, Envelope};
+use resync_bus::{DeadLetter, DeadLetterReason, DecodeLimits, Delivery, Envelope, attr};
 use resync_locks::{LockGuard, Locker};
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -51,6 +51,8 @@ pub enum Outcome {
     DeadLettered,
     /// Returned to the queue to be tried again later.
     Requeued,
+    /// A `fare verify` probe: acked without calling the sink.
+    Probe,
 }
 
 impl Outcome {
@@ -63,12 +65,13 @@ impl Outcome {
             Outcome::Duplicate => "duplicate",
             Outcome::DeadLettered => "dead_lettered",
             Outcome::Requeued => "requeued",
+            Outcome::Probe => "probe",
         }
     }
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::Applied,
         Outcome::Repaired,
         Outcome::SkippedUnchanged,
@@ -76,6 +79,7 @@ impl Outcome {
         Outcome::Duplicate,
         Outcome::DeadLettered,
         Outcome::Requeued,
+        Outcome::Probe,
     ];
 }
 
@@ -242,6 +246,10 @@ impl Processor {
         let mut outcomes = Vec::with_capacity(deliveries.len());
         let mut groups: BTreeMap<EntityId, Vec<(Delivery, Envelope)>> = BTreeMap::new();
         for delivery in deliveries {
+            if delivery.attributes.contains_key(attr::PROBE) {
+                outcomes.push(self.ack_probe(delivery).await);
+                continue;
+            }
             match delivery.envelope(&self.limits) {
                 Ok(envelope) => {
                     let entity = EntityId {
@@ -266,6 +274,18 @@ impl Processor {
         let alone = join_all(busy.into_iter().map(|group| self.run_alone(group))).await;
         outcomes.extend(alone.into_iter().flatten());
         outcomes
+    }
+
+    /// A probe only proves a route; a third party must never see it.
+    async fn ack_probe(&self, delivery: Delivery) -> Outcome {
+        debug!(queue = %delivery.queue, "fare verify probe; acked without calling the sink");
+        match delivery.ack().await {
+            Ok(()) => Outcome::Probe,
+            Err(err) => {
+                warn!(error = %err, "acking a probe failed; it comes back and is acked then");
+                Outcome::Requeued
+            }
+        }
     }
 
     fn lock_key(&self, entity: &EntityId) -> String {
@@ -467,7 +487,7 @@ impl Processor {
             Some(cas) => cas,
             None => self.record(key, expected, mine).await?,
         };
-        match self.conclude(key, mine, decision, cas).await? {
+        match self.conclude(key, mine, decision, cas, guard).await? {
             Some(outcome) => Ok(outcome),
             None => self.apply_locked(key, mine, guard).await,
         }
@@ -574,7 +594,7 @@ impl Processor {
                 Step::Done(outcome) => return Ok(outcome),
                 Step::Record(decision) => {
                     let cas = self.record(key, expected, mine).await?;
-                    if let Some(outcome) = self.conclude(key, mine, decision, cas).await? {
+                    if let Some(outcome) = self.conclude(key, mine, decision, cas, guard).await? {
                         return Ok(outcome);
                     }
                 }
@@ -613,6 +633,7 @@ impl Processor {
         mine: &AppliedState,
         decision: Decision,
         cas: Cas,
+        guard: &LockGuard,
     ) -> Result<Option<Outcome>, ApplyError> {
         let applied = decision == Decision::Apply;
         match cas {
@@ -621,8 +642,11 @@ impl Processor {
             Cas::Conflict(Some(newer)) if applied && newer.version > mine.version => {
                 // Our lock was lost mid-call and a newer version was applied meanwhile; our
                 // write may have landed after it. Re-send the newest.
-                warn!(newer = newer.version, "a newer version was applied during our call; re-sending it");
-                self.send(key, &newer).await?;
+                warn!(
+                    newer = newer.version,
+                    "a newer version was applied during our call; re-sending the newest"
+                );
+                self.repair(key, guard).await?;
                 Ok(Some(Outcome::Repaired))
             }
             Cas::Conflict(Some(same)) if applied && same.version == mine.version => {
@@ -632,6 +656,37 @@ impl Processor {
             // ours. Go round again; the rule re-applies ours.
             Cas::Conflict(_) => Ok(None),
         }
+    }
+
+    /// Re-sends the newest recorded version after our write may have landed late. Done under
+    /// the entity's lock (taken again if ours was lost), so no other consumer's write is in
+    /// flight meanwhile and the newest is what the third party keeps. If the lock stays busy,
+    /// re-sends anyway: a late write that survives is worse than a redundant one.
+    async fn repair(&self, key: EntityKey<'_>, guard: &LockGuard) -> Result<(), ApplyError> {
+        let retaken = if guard.is_lost() {
+            let wait = self.locker.config().lease * 2;
+            match self.locker.acquire_within(guard.key(), wait).await {
+                Ok(retaken) => Some(retaken),
+                Err(err) => {
+                    warn!(error = %err, "entity lock still busy; repairing without it");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let current =
+            self.store.current(key).await.map_err(|e| infra("reading the applied version")(e.to_string()));
+        let result = match current {
+            Ok(Current { applied: Some(newest), .. }) => self.send(key, &newest).await,
+            Ok(_) => Ok(()),
+            Err(err) => Err(err),
+        };
+        if let Some(retaken) = retaken {
+            // Expires with its lease if this fails.
+            let _ = retaken.release().await;
+        }
+        result
     }
 
     async fn record(

@@ -37,6 +37,33 @@ pub enum ConfigError {
     Parse { file: PathBuf, detail: String },
     #[error("{}: {detail}", dir.display())]
     Directory { dir: PathBuf, detail: String },
+    #[error("namespace `{namespace}` (--namespace / RESYNC_NAMESPACE): {problem}")]
+    Namespace { namespace: String, problem: String },
+}
+
+/// Longest namespace; see [`MAX_SERVICE_NAME`].
+pub const MAX_NAMESPACE: usize = 20;
+
+/// Checks a namespace against the naming rules every queue and topic name must meet on SQS,
+/// SNS and AMQP: lowercase letters, digits and `-`, starting with a letter, at most
+/// [`MAX_NAMESPACE`] characters.
+pub fn check_namespace(namespace: &str) -> Result<(), ConfigError> {
+    let problem = if namespace.len() > MAX_NAMESPACE {
+        Some(format!(
+            "{} characters, at most {MAX_NAMESPACE} fit SQS's 80-character queue names",
+            namespace.len()
+        ))
+    } else if !namespace.starts_with(|c: char| c.is_ascii_lowercase())
+        || !namespace.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        Some("expected lowercase letters, digits and `-`, starting with a letter".to_string())
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(ConfigError::Namespace { namespace: namespace.to_string(), problem }),
+        None => Ok(()),
+    }
 }
 
 fn invalid(file: &Path, key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
@@ -123,6 +150,7 @@ impl ServiceConfig {
                 queues.entry(stream.as_str()).or_insert_with(|| {
                     let mut spec =
                         QueueSpec::new(resync_bus::naming::queue_name(namespace, &self.name, *stream));
+                    spec.owner = Some(crate::topology::owner_mark(namespace));
                     spec.max_receive_count = subscription.max_receive_count;
                     spec.visibility_timeout = subscription.visibility_timeout;
                     (*stream, spec)
@@ -170,7 +198,7 @@ impl Default for ConsumerSpec {
 
 // ---- the file format ---------------------------------------------------------------------
 
-/// One service's config file (`<service>.toml` in the config directory).
+/// One service's config file (`<service>.toml`, or `.yaml`, in the config directory).
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(title = "resync service config")]
@@ -251,7 +279,8 @@ pub fn json_schema() -> String {
 const MAX_SERVICE_NAME: usize = 40;
 const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 3600);
 
-/// Reads every `*.toml` file of `dir` (not recursive) into a validated catalog.
+/// Reads every `*.toml`, `*.yaml` and `*.yml` file of `dir` (not recursive) into a validated
+/// catalog.
 pub fn load_dir(dir: &Path) -> Result<Catalog, ConfigError> {
     let entries = std::fs::read_dir(dir).map_err(|e| ConfigError::Directory {
         dir: dir.to_path_buf(),
@@ -260,13 +289,13 @@ pub fn load_dir(dir: &Path) -> Result<Catalog, ConfigError> {
     let mut files: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|ext| ext == "toml"))
+        .filter(|p| p.extension().is_some_and(|ext| ext == "toml" || ext == "yaml" || ext == "yml"))
         .collect();
     files.sort();
     if files.is_empty() {
         return Err(ConfigError::Directory {
             dir: dir.to_path_buf(),
-            detail: "no service config files (*.toml) found".into(),
+            detail: "no service config files (*.toml, *.yaml, *.yml) found".into(),
         });
     }
     let services = files
@@ -288,9 +317,15 @@ pub fn load_str(file: impl AsRef<Path>, text: &str) -> Result<ServiceConfig, Con
 }
 
 fn parse_service(file: &Path, text: &str) -> Result<ServiceConfig, ConfigError> {
-    let raw: ServiceFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+    let is_yaml = file.extension().is_some_and(|ext| ext == "yaml" || ext == "yml");
+    let parsed = if is_yaml {
+        serde_norway::from_str::<ServiceFile>(text).map_err(|e| e.to_string())
+    } else {
+        toml::from_str::<ServiceFile>(text).map_err(|e| e.to_string())
+    };
+    let raw = parsed.map_err(|detail| ConfigError::Parse {
         file: file.to_path_buf(),
-        detail: e.to_string().trim().to_string(),
+        detail: detail.trim().to_string(),
     })?;
     validate_service(file, raw)
 }
@@ -570,6 +605,35 @@ publishes = ["listing.created", "listing.updated", "listing.deleted"]
     fn unknown_keys_are_rejected_with_their_name() {
         let err = error("name = \"a\"\n[[subscriptions]]\ntypes = [\"listing.*\"]\ntyps = 1\n");
         assert!(err.starts_with("svc.toml:") && err.contains("unknown field `typs`"), "{err}");
+    }
+
+    #[test]
+    fn yaml_files_read_like_toml_and_reject_unknown_keys_too() {
+        let toml = load_str(
+            "s.toml",
+            "name = \"a\"\n[[subscriptions]]\ntypes = [\"listing.*\"]\nmax_receive_count = 7",
+        )
+        .expect("toml");
+        let yaml = load_str(
+            "s.yaml",
+            "name: a\nsubscriptions:\n  - types: [\"listing.*\"]\n    max_receive_count: 7\n",
+        )
+        .expect("yaml");
+        assert_eq!((yaml.name, yaml.subscriptions), (toml.name, toml.subscriptions));
+
+        let err = load_str("s.yml", "name: a\nsubscriptions:\n  - typs: [\"listing.*\"]\n")
+            .expect_err("unknown key");
+        let err = err.to_string();
+        assert!(err.starts_with("s.yml:") && err.contains("unknown field `typs`"), "{err}");
+    }
+
+    #[test]
+    fn namespaces_must_fit_queue_naming_rules() {
+        assert!(check_namespace("prod-eu1").is_ok());
+        for bad in ["Prod", "1prod", "pr_od", "a-namespace-far-too-long"] {
+            let err = check_namespace(bad).expect_err(bad).to_string();
+            assert!(err.contains(&format!("`{bad}`")) && err.contains("RESYNC_NAMESPACE"), "{err}");
+        }
     }
 
     #[test]

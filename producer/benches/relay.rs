@@ -108,7 +108,7 @@ async fn main() {
     let namespace = unique_name("bench");
     let topic = live_topic(Some(&namespace), "listing");
     let queue = unique_name("bench-q");
-    transport.declare_topic(&topic).await.expect("topic");
+    transport.declare_topic(&topic, None).await.expect("topic");
     transport.declare_queue(&QueueSpec::new(&queue)).await.expect("queue");
     transport.bind(&topic, &queue, &Filter::all()).await.expect("bind");
 

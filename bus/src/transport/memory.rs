@@ -13,9 +13,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::transport::{
-    Attributes, DeadLetterReason, Delivery, Destination, FailedEntry, Filter, OutgoingMessage, QueueDepth,
-    QueueSpec, Result, Settle, SubscribeOptions, Subscription, Transport, TransportError, attr,
-    dead_letter_queue_name,
+    Attributes, DeadLetterReason, Delivery, Destination, FailedEntry, Filter, Inventory, ObservedQueue,
+    OutgoingMessage, QueueDepth, QueueSpec, Result, Settle, SubscribeOptions, Subscription, Transport,
+    TransportError, attr, dead_letter_queue_name,
 };
 
 #[derive(Debug, Clone)]
@@ -33,12 +33,16 @@ struct MemQueue {
     /// Delivered and unsettled, by delivery id, with the subscription holding it.
     in_flight: HashMap<u64, (StoredMessage, u64)>,
     max_receive_count: u32,
+    visibility_timeout: Duration,
+    owner: Option<String>,
     notify: Arc<Notify>,
 }
 
 #[derive(Debug, Default)]
 struct State {
+    /// Topic -> its bound queues with the union of their patterns.
     topics: HashMap<String, Vec<(String, Filter)>>,
+    topic_owners: HashMap<String, Option<String>>,
     queues: HashMap<String, MemQueue>,
     /// Source of delivery and subscription ids.
     next_id: u64,
@@ -110,21 +114,27 @@ impl Transport for MemoryTransport {
         "memory"
     }
 
-    async fn declare_topic(&self, topic: &str) -> Result<()> {
-        self.lock().topics.entry(topic.to_string()).or_default();
+    async fn declare_topic(&self, topic: &str, owner: Option<&str>) -> Result<()> {
+        let mut state = self.lock();
+        state.topics.entry(topic.to_string()).or_default();
+        state.topic_owners.entry(topic.to_string()).or_insert_with(|| owner.map(str::to_string));
         Ok(())
     }
 
     async fn declare_queue(&self, spec: &QueueSpec) -> Result<()> {
         let mut state = self.lock();
-        for (name, max) in
-            [(spec.name.clone(), spec.max_receive_count), (dead_letter_queue_name(&spec.name), u32::MAX)]
-        {
-            state
-                .queues
-                .entry(name)
-                .or_insert_with(|| MemQueue { max_receive_count: max, ..Default::default() });
-        }
+        state.queues.entry(dead_letter_queue_name(&spec.name)).or_insert_with(|| MemQueue {
+            max_receive_count: u32::MAX,
+            owner: spec.owner.clone(),
+            ..Default::default()
+        });
+        // Like SQS, an existing queue converges to the declared settings.
+        let queue = state
+            .queues
+            .entry(spec.name.clone())
+            .or_insert_with(|| MemQueue { owner: spec.owner.clone(), ..Default::default() });
+        queue.max_receive_count = spec.max_receive_count;
+        queue.visibility_timeout = spec.visibility_timeout;
         Ok(())
     }
 
@@ -135,9 +145,52 @@ impl Transport for MemoryTransport {
         }
         let bindings =
             state.topics.get_mut(topic).ok_or_else(|| TransportError::NotFound(topic.to_string()))?;
-        bindings.retain(|(q, _)| q != queue);
-        bindings.push((queue.to_string(), filter.clone()));
+        match bindings.iter_mut().find(|(q, _)| q == queue) {
+            Some((_, bound)) => {
+                let new: Vec<String> =
+                    filter.patterns.iter().filter(|p| !bound.patterns.contains(p)).cloned().collect();
+                bound.patterns.extend(new);
+            }
+            None => bindings.push((queue.to_string(), filter.clone())),
+        }
         Ok(())
+    }
+
+    async fn unbind(&self, topic: &str, queue: &str, filter: &Filter) -> Result<()> {
+        let mut state = self.lock();
+        let Some(bindings) = state.topics.get_mut(topic) else { return Ok(()) };
+        for (_, bound) in bindings.iter_mut().filter(|(q, _)| q == queue) {
+            bound.patterns.retain(|p| !filter.patterns.contains(p));
+        }
+        bindings.retain(|(_, bound)| !bound.patterns.is_empty());
+        Ok(())
+    }
+
+    async fn inventory(&self, prefix: &str) -> Result<Inventory> {
+        let state = self.lock();
+        let mut inventory = Inventory::default();
+        for (topic, owner) in state.topic_owners.iter().filter(|(t, _)| t.starts_with(prefix)) {
+            inventory.topics.insert(topic.clone(), owner.clone());
+        }
+        for (name, queue) in state.queues.iter().filter(|(q, _)| q.starts_with(prefix)) {
+            if state.queues.contains_key(name.strip_suffix("-dlq").unwrap_or_default()) {
+                continue; // a dead-letter queue, listed with its queue
+            }
+            let observed = ObservedQueue {
+                owner: queue.owner.clone(),
+                max_receive_count: Some(queue.max_receive_count),
+                visibility_timeout: Some(queue.visibility_timeout),
+                has_dead_letter_queue: state.queues.contains_key(&dead_letter_queue_name(name)),
+            };
+            inventory.queues.insert(name.clone(), observed);
+        }
+        for (topic, bindings) in &state.topics {
+            for (queue, filter) in bindings.iter().filter(|(q, _)| inventory.queues.contains_key(q)) {
+                let patterns = filter.patterns.iter().cloned().collect();
+                inventory.bindings.insert((topic.clone(), queue.clone()), patterns);
+            }
+        }
+        Ok(inventory)
     }
 
     async fn delete_queue(&self, queue: &str) -> Result<()> {
@@ -151,7 +204,9 @@ impl Transport for MemoryTransport {
     }
 
     async fn delete_topic(&self, topic: &str) -> Result<()> {
-        self.lock().topics.remove(topic);
+        let mut state = self.lock();
+        state.topics.remove(topic);
+        state.topic_owners.remove(topic);
         Ok(())
     }
 

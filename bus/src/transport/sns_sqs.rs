@@ -11,12 +11,12 @@
 //! from the AWS credential chain, or are dummies when the endpoint is a local emulator and no
 //! credentials are configured.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_sns::types::{MessageAttributeValue as SnsAttribute, PublishBatchRequestEntry};
+use aws_sdk_sns::types::{MessageAttributeValue as SnsAttribute, PublishBatchRequestEntry, Tag};
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, MessageAttributeValue as SqsAttribute,
@@ -30,9 +30,9 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::transport::{
-    Attributes, Delivery, Destination, FailedEntry, Filter, MAX_MESSAGE_BYTES, OutgoingMessage, QueueDepth,
-    QueueSpec, Result, Settle, SubscribeOptions, Subscription, Transport, TransportError,
-    dead_letter_queue_name,
+    Attributes, Delivery, Destination, FailedEntry, Filter, Inventory, MAX_MESSAGE_BYTES, OWNER_MARK,
+    ObservedQueue, OutgoingMessage, QueueDepth, QueueSpec, Result, Settle, SubscribeOptions, Subscription,
+    Transport, TransportError, dead_letter_queue_name,
 };
 
 /// Most entries in one SendMessageBatch / PublishBatch / ChangeMessageVisibilityBatch call.
@@ -225,13 +225,200 @@ impl SnsSqsTransport {
         }
     }
 
+    /// The SQS subscriptions of a topic: (subscription ARN, queue ARN).
+    async fn sqs_subscriptions(&self, topic_arn: &str) -> Result<Vec<(String, String)>> {
+        let mut found = Vec::new();
+        let mut token = None;
+        loop {
+            let out = self
+                .sns
+                .list_subscriptions_by_topic()
+                .topic_arn(topic_arn)
+                .set_next_token(token)
+                .send()
+                .await
+                .map_err(|e| op_error("ListSubscriptionsByTopic", topic_arn, &e))?;
+            for sub in out.subscriptions() {
+                if let (Some("sqs"), Some(arn), Some(endpoint)) =
+                    (sub.protocol(), sub.subscription_arn(), sub.endpoint())
+                {
+                    // A subscription still being confirmed has no ARN yet.
+                    if arn.starts_with("arn:") {
+                        found.push((arn.to_string(), endpoint.to_string()));
+                    }
+                }
+            }
+            match out.next_token() {
+                Some(next) => token = Some(next.to_string()),
+                None => return Ok(found),
+            }
+        }
+    }
+
+    /// The subscription routing `topic_arn` into the queue `queue_arn`, if any.
+    async fn subscription(&self, topic_arn: &str, queue_arn: &str) -> Result<Option<String>> {
+        let subscriptions = self.sqs_subscriptions(topic_arn).await?;
+        Ok(subscriptions.into_iter().find(|(_, endpoint)| endpoint == queue_arn).map(|(arn, _)| arn))
+    }
+
+    /// The type patterns a subscription's filter policy lets through (`*` without a policy).
+    async fn subscription_patterns(&self, subscription_arn: &str) -> Result<BTreeSet<String>> {
+        let out = self
+            .sns
+            .get_subscription_attributes()
+            .subscription_arn(subscription_arn)
+            .send()
+            .await
+            .map_err(|e| op_error("GetSubscriptionAttributes", subscription_arn, &e))?;
+        let policy = out.attributes().and_then(|a| a.get("FilterPolicy")).filter(|p| !p.is_empty());
+        Ok(match policy {
+            Some(policy) => patterns_of_filter_policy(policy),
+            None => BTreeSet::from(["*".to_string()]),
+        })
+    }
+
+    async fn set_subscription_filter(
+        &self,
+        subscription_arn: &str,
+        patterns: &BTreeSet<String>,
+        resource: &str,
+    ) -> Result<()> {
+        // A policy cannot say "everything"; SNS takes an empty policy as "no filter".
+        let policy = filter_policy(patterns).unwrap_or_default();
+        for (name, value) in
+            [("FilterPolicyScope", "MessageAttributes".to_string()), ("FilterPolicy", policy)]
+        {
+            self.sns
+                .set_subscription_attributes()
+                .subscription_arn(subscription_arn)
+                .attribute_name(name)
+                .attribute_value(value)
+                .send()
+                .await
+                .map_err(|e| op_error("SetSubscriptionAttributes", resource, &e))?;
+        }
+        Ok(())
+    }
+
+    /// Takes back what [`Self::allow_topic`] granted.
+    async fn disallow_topic(&self, queue_url: &str, topic_arn: &str) -> Result<()> {
+        let out = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(queue_url)
+            .attribute_names(QueueAttributeName::Policy)
+            .send()
+            .await
+            .map_err(|e| op_error("GetQueueAttributes", queue_url, &e))?;
+        let Some(existing) = out.attributes().and_then(|a| a.get(&QueueAttributeName::Policy)) else {
+            return Ok(());
+        };
+        self.sqs
+            .set_queue_attributes()
+            .queue_url(queue_url)
+            .attributes(QueueAttributeName::Policy, policy_without(existing, topic_arn))
+            .send()
+            .await
+            .map_err(|e| op_error("SetQueueAttributes", queue_url, &e))?;
+        Ok(())
+    }
+
+    async fn queue_urls_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut urls = Vec::new();
+        let mut token = None;
+        loop {
+            let mut list = self.sqs.list_queues().max_results(1000).set_next_token(token);
+            if !prefix.is_empty() {
+                list = list.queue_name_prefix(prefix);
+            }
+            let out = list.send().await.map_err(|e| op_error("ListQueues", prefix, &e))?;
+            urls.extend(out.queue_urls().iter().cloned());
+            match out.next_token() {
+                Some(next) => token = Some(next.to_string()),
+                None => return Ok(urls),
+            }
+        }
+    }
+
+    /// A queue's ARN and what fare compares of it.
+    async fn observe_queue(&self, url: &str, has_dead_letter_queue: bool) -> Result<(String, ObservedQueue)> {
+        let out = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .attribute_names(QueueAttributeName::VisibilityTimeout)
+            .attribute_names(QueueAttributeName::RedrivePolicy)
+            .send()
+            .await
+            .map_err(|e| op_error("GetQueueAttributes", url, &e))?;
+        let attributes = out.attributes().cloned().unwrap_or_default();
+        let tags = self
+            .sqs
+            .list_queue_tags()
+            .queue_url(url)
+            .send()
+            .await
+            .map_err(|e| op_error("ListQueueTags", url, &e))?;
+        let max_receive_count = attributes
+            .get(&QueueAttributeName::RedrivePolicy)
+            .and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok())
+            .and_then(|p| match p.get("maxReceiveCount")? {
+                serde_json::Value::Number(n) => n.as_u64(),
+                serde_json::Value::String(s) => s.parse().ok(),
+                _ => None,
+            })
+            .and_then(|n| u32::try_from(n).ok());
+        let observed = ObservedQueue {
+            owner: tags.tags().and_then(|t| t.get(OWNER_MARK)).cloned(),
+            max_receive_count,
+            visibility_timeout: attributes
+                .get(&QueueAttributeName::VisibilityTimeout)
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_secs),
+            has_dead_letter_queue,
+        };
+        let arn = attributes.get(&QueueAttributeName::QueueArn).cloned().unwrap_or_default();
+        Ok((arn, observed))
+    }
+
+    /// (name, ARN) of every topic whose name starts with `prefix`.
+    async fn topics_with_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        let mut topics = Vec::new();
+        let mut token = None;
+        loop {
+            let out = self
+                .sns
+                .list_topics()
+                .set_next_token(token)
+                .send()
+                .await
+                .map_err(|e| op_error("ListTopics", prefix, &e))?;
+            for arn in out.topics().iter().filter_map(|t| t.topic_arn()) {
+                let name = arn.rsplit(':').next().unwrap_or_default();
+                if name.starts_with(prefix) {
+                    topics.push((name.to_string(), arn.to_string()));
+                }
+            }
+            match out.next_token() {
+                Some(next) => token = Some(next.to_string()),
+                None => return Ok(topics),
+            }
+        }
+    }
+
     async fn create_queue(
         &self,
         name: &str,
         attributes: HashMap<QueueAttributeName, String>,
+        owner: Option<&str>,
     ) -> Result<String> {
-        let created =
-            self.sqs.create_queue().queue_name(name).set_attributes(Some(attributes.clone())).send().await;
+        let mut create = self.sqs.create_queue().queue_name(name).set_attributes(Some(attributes.clone()));
+        if let Some(owner) = owner {
+            // Tags apply only when the queue is created: an existing queue keeps its own.
+            create = create.tags(OWNER_MARK, owner);
+        }
+        let created = create.send().await;
         let url = match created {
             Ok(out) => out.queue_url().unwrap_or_default().to_string(),
             // Exists with other attributes: converge by setting ours.
@@ -386,13 +573,23 @@ fn policy_allowing(existing: Option<&str>, queue_arn: &str, topic_arn: &str) -> 
     json!({"Version": "2012-10-17", "Statement": statements}).to_string()
 }
 
-/// The SNS filter policy for a filter, or `None` when every type passes.
-fn filter_policy(filter: &Filter) -> Option<String> {
-    if filter.patterns.iter().any(|p| p == "*") {
+/// The policy without the statement [`policy_allowing`] added for `topic_arn`.
+fn policy_without(existing: &str, topic_arn: &str) -> String {
+    let sid = format!("resync-allow-{}", topic_arn.rsplit(':').next().unwrap_or(topic_arn));
+    let mut policy: serde_json::Value = serde_json::from_str(existing).unwrap_or_else(|_| json!({}));
+    if let Some(statements) = policy.get_mut("Statement").and_then(|s| s.as_array_mut()) {
+        statements.retain(|s| s.get("Sid").and_then(|v| v.as_str()) != Some(sid.as_str()));
+    }
+    policy.to_string()
+}
+
+/// The SNS filter policy for type patterns, or `None` when every type passes.
+fn filter_policy<'a>(patterns: impl IntoIterator<Item = &'a String>) -> Option<String> {
+    let patterns: Vec<&String> = patterns.into_iter().collect();
+    if patterns.iter().any(|p| *p == "*") {
         return None;
     }
-    let rules: Vec<serde_json::Value> = filter
-        .patterns
+    let rules: Vec<serde_json::Value> = patterns
         .iter()
         .map(|p| match p.strip_suffix('*') {
             Some(prefix) => json!({"prefix": prefix}),
@@ -400,6 +597,21 @@ fn filter_policy(filter: &Filter) -> Option<String> {
         })
         .collect();
     Some(json!({"type": rules}).to_string())
+}
+
+/// The type patterns of a filter policy written by [`filter_policy`].
+fn patterns_of_filter_policy(policy: &str) -> BTreeSet<String> {
+    let rules = serde_json::from_str::<serde_json::Value>(policy)
+        .ok()
+        .and_then(|p| p.get("type").and_then(|t| t.as_array()).cloned())
+        .unwrap_or_default();
+    rules
+        .iter()
+        .filter_map(|rule| match rule {
+            serde_json::Value::String(exact) => Some(exact.clone()),
+            other => other.get("prefix").and_then(|p| p.as_str()).map(|prefix| format!("{prefix}*")),
+        })
+        .collect()
 }
 
 fn body_text(message: &OutgoingMessage) -> std::result::Result<String, String> {
@@ -469,14 +681,23 @@ impl Transport for SnsSqsTransport {
         "sns-sqs"
     }
 
-    async fn declare_topic(&self, topic: &str) -> Result<()> {
-        let out = self
-            .sns
-            .create_topic()
-            .name(topic)
-            .send()
-            .await
-            .map_err(|e| op_error("CreateTopic", topic, &e))?;
+    async fn declare_topic(&self, topic: &str, owner: Option<&str>) -> Result<()> {
+        let tags = owner.map(|owner| Tag::builder().key(OWNER_MARK).value(owner).build()).transpose();
+        let tags = tags.map_err(|e| TransportError::Config(format!("ownership tag: {e}")))?;
+        let created =
+            self.sns.create_topic().name(topic).set_tags(tags.clone().map(|t| vec![t])).send().await;
+        let out = match created {
+            // SNS refuses CreateTopic with tags other than an existing topic's: it exists and
+            // keeps the mark it has (none if fare did not create it).
+            Err(err) if tags.is_some() && err.code() == Some("InvalidParameter") => self
+                .sns
+                .create_topic()
+                .name(topic)
+                .send()
+                .await
+                .map_err(|e| op_error("CreateTopic", topic, &e))?,
+            other => other.map_err(|e| op_error("CreateTopic", topic, &e))?,
+        };
         if let Some(arn) = out.topic_arn() {
             remember(&self.topic_arns, topic, arn);
         }
@@ -485,7 +706,8 @@ impl Transport for SnsSqsTransport {
 
     async fn declare_queue(&self, spec: &QueueSpec) -> Result<()> {
         let dlq = dead_letter_queue_name(&spec.name);
-        let dlq_url = self.create_queue(&dlq, HashMap::new()).await?;
+        let owner = spec.owner.as_deref();
+        let dlq_url = self.create_queue(&dlq, HashMap::new(), owner).await?;
         let dlq_arn = self.queue_arn(&dlq_url).await?;
         let redrive =
             json!({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": spec.max_receive_count}).to_string();
@@ -493,7 +715,7 @@ impl Transport for SnsSqsTransport {
             (QueueAttributeName::VisibilityTimeout, spec.visibility_timeout.as_secs().max(1).to_string()),
             (QueueAttributeName::RedrivePolicy, redrive),
         ]);
-        self.create_queue(&spec.name, attributes).await?;
+        self.create_queue(&spec.name, attributes, owner).await?;
         Ok(())
     }
 
@@ -502,6 +724,17 @@ impl Transport for SnsSqsTransport {
         let queue_url = self.queue_url(queue).await?;
         let queue_arn = self.queue_arn(&queue_url).await?;
         self.allow_topic(&queue_url, &queue_arn, &topic_arn).await?;
+        // SNS delivers what it cannot hand to the queue to the queue's own DLQ instead of
+        // dropping it after its retries.
+        let dlq_url = self.queue_url(&dead_letter_queue_name(queue)).await?;
+        let dlq_arn = self.queue_arn(&dlq_url).await?;
+        self.allow_topic(&dlq_url, &dlq_arn, &topic_arn).await?;
+        let resource = format!("{queue} <- {topic}");
+        if let Some(existing) = self.subscription(&topic_arn, &queue_arn).await? {
+            let mut patterns = self.subscription_patterns(&existing).await?;
+            patterns.extend(filter.patterns.iter().cloned());
+            return self.set_subscription_filter(&existing, &patterns, &resource).await;
+        }
         let mut subscribe = self
             .sns
             .subscribe()
@@ -509,15 +742,85 @@ impl Transport for SnsSqsTransport {
             .protocol("sqs")
             .endpoint(&queue_arn)
             .return_subscription_arn(true)
-            .attributes("RawMessageDelivery", "true");
-        if let Some(policy) = filter_policy(filter) {
+            .attributes("RawMessageDelivery", "true")
+            .attributes("RedrivePolicy", json!({"deadLetterTargetArn": dlq_arn}).to_string());
+        if let Some(policy) = filter_policy(&filter.patterns) {
             subscribe = subscribe
                 .attributes("FilterPolicyScope", "MessageAttributes")
                 .attributes("FilterPolicy", policy);
         }
-        subscribe.send().await.map_err(|e| op_error("Subscribe", &format!("{queue} <- {topic}"), &e))?;
+        subscribe.send().await.map_err(|e| op_error("Subscribe", &resource, &e))?;
         debug!(topic, queue, ?filter, "subscribed");
         Ok(())
+    }
+
+    async fn unbind(&self, topic: &str, queue: &str, filter: &Filter) -> Result<()> {
+        let topic_arn = match self.topic_arn(topic).await {
+            Ok(arn) => arn,
+            Err(TransportError::NotFound(_)) => return Ok(()),
+            Err(err) => return Err(err),
+        };
+        let queue_url = match self.queue_url(queue).await {
+            Ok(url) => url,
+            Err(TransportError::NotFound(_)) => return Ok(()),
+            Err(err) => return Err(err),
+        };
+        let queue_arn = self.queue_arn(&queue_url).await?;
+        let Some(existing) = self.subscription(&topic_arn, &queue_arn).await? else { return Ok(()) };
+        let resource = format!("{queue} <- {topic}");
+        let mut patterns = self.subscription_patterns(&existing).await?;
+        let before = patterns.len();
+        patterns.retain(|p| !filter.patterns.contains(p));
+        if patterns.len() == before {
+            return Ok(());
+        }
+        if !patterns.is_empty() {
+            return self.set_subscription_filter(&existing, &patterns, &resource).await;
+        }
+        self.sns
+            .unsubscribe()
+            .subscription_arn(&existing)
+            .send()
+            .await
+            .map_err(|e| op_error("Unsubscribe", &resource, &e))?;
+        self.disallow_topic(&queue_url, &topic_arn).await
+    }
+
+    async fn inventory(&self, prefix: &str) -> Result<Inventory> {
+        let mut inventory = Inventory::default();
+        let urls = self.queue_urls_with_prefix(prefix).await?;
+        let names: BTreeMap<String, String> = urls
+            .iter()
+            .map(|url| (url.rsplit('/').next().unwrap_or_default().to_string(), url.clone()))
+            .collect();
+        let mut arn_to_queue = HashMap::new();
+        for (name, url) in &names {
+            if name.strip_suffix("-dlq").is_some_and(|base| names.contains_key(base)) {
+                continue; // a dead-letter queue, listed with its queue
+            }
+            let (arn, observed) =
+                self.observe_queue(url, names.contains_key(&dead_letter_queue_name(name))).await?;
+            arn_to_queue.insert(arn, name.clone());
+            inventory.queues.insert(name.clone(), observed);
+        }
+        for (name, arn) in self.topics_with_prefix(prefix).await? {
+            let tags = self
+                .sns
+                .list_tags_for_resource()
+                .resource_arn(&arn)
+                .send()
+                .await
+                .map_err(|e| op_error("ListTagsForResource", &name, &e))?;
+            let owner = tags.tags().iter().find(|t| t.key() == OWNER_MARK).map(|t| t.value().to_string());
+            for (subscription, endpoint) in self.sqs_subscriptions(&arn).await? {
+                if let Some(queue) = arn_to_queue.get(&endpoint) {
+                    let patterns = self.subscription_patterns(&subscription).await?;
+                    inventory.bindings.insert((name.clone(), queue.clone()), patterns);
+                }
+            }
+            inventory.topics.insert(name, owner);
+        }
+        Ok(inventory)
     }
 
     async fn delete_queue(&self, queue: &str) -> Result<()> {
@@ -952,9 +1255,28 @@ mod tests {
 
     #[test]
     fn filter_policies_use_exact_values_and_prefixes() {
-        let policy = filter_policy(&Filter::types(["listing.*", "user.deleted"])).unwrap();
+        let policy = filter_policy(&Filter::types(["listing.*", "user.deleted"]).patterns).unwrap();
         assert_eq!(policy, r#"{"type":[{"prefix":"listing."},"user.deleted"]}"#);
-        assert_eq!(filter_policy(&Filter::all()), None);
+        assert_eq!(filter_policy(&Filter::all().patterns), None);
+    }
+
+    #[test]
+    fn filter_policies_read_back_into_the_patterns_they_were_written_from() {
+        let patterns = BTreeSet::from(["listing.*".to_string(), "user.deleted".to_string()]);
+        let policy = filter_policy(&patterns).unwrap();
+        assert_eq!(patterns_of_filter_policy(&policy), patterns);
+    }
+
+    #[test]
+    fn a_topic_taken_out_of_a_queue_policy_leaves_the_others() {
+        let both = policy_allowing(
+            Some(&policy_allowing(None, "arn:q", "arn:aws:sns:r:1:a")),
+            "arn:q",
+            "arn:aws:sns:r:1:b",
+        );
+        let left = policy_without(&both, "arn:aws:sns:r:1:a");
+        assert!(!left.contains("sns:r:1:a\""), "{left}");
+        assert!(left.contains("arn:aws:sns:r:1:b"), "{left}");
     }
 
     #[test]

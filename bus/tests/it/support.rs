@@ -70,7 +70,7 @@ impl Topology {
 
     pub(crate) async fn with_specs(transport: Arc<dyn Transport>, specs: Vec<(QueueSpec, Filter)>) -> Self {
         let topic = unique_name("t");
-        transport.declare_topic(&topic).await.expect("declare topic");
+        transport.declare_topic(&topic, None).await.expect("declare topic");
         let mut queues = Vec::new();
         for (spec, filter) in specs {
             transport.declare_queue(&spec).await.expect("declare queue");

@@ -35,7 +35,7 @@ impl Setup {
             };
         let topic = live_topic(Some(&namespace), "listing");
         let queue = unique_name("cli-q");
-        transport.declare_topic(&topic).await.expect("topic");
+        transport.declare_topic(&topic, None).await.expect("topic");
         transport.declare_queue(&QueueSpec::new(&queue)).await.expect("queue");
         transport.bind(&topic, &queue, &Filter::all()).await.expect("bind");
         Self { schema, namespace, queue, pool, transport }

@@ -71,7 +71,7 @@ impl World {
             .unwrap_or_else(|e| service_unreachable(Service::Postgres, e));
         let namespace = unique_name("p");
         let topic = live_topic(Some(&namespace), "listing");
-        transport.declare_topic(&topic).await.expect("declare topic");
+        transport.declare_topic(&topic, None).await.expect("declare topic");
         let mut names = Vec::new();
         for _ in 0..queues {
             let queue = unique_name("q");

@@ -1,0 +1,153 @@
+//! `resync dlq` operations against the real brokers: dead letters of three reasons are listed
+//! with the right counts, nothing is lost by looking, redrive moves exactly the selected ones
+//! back to their queue, purge deletes only old selected ones.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use resync_bus::{
+    DeadLetter, DeadLetterReason, Delivery, Destination, Envelope, OutgoingMessage, QueueSpec, Routing,
+    Stream, Subscription, Transport, TransportConfig, attr,
+};
+use resync_dlq::{MOVED_BY_BROKER, REDRIVES, Selection};
+use resync_testkit::{Service, service_unreachable, unique_name};
+use tokio::time::Instant;
+
+async fn connect(kind: &str) -> Arc<dyn Transport> {
+    let service = if kind == "rabbitmq" { Service::RabbitMq } else { Service::SnsSqs };
+    match TransportConfig::named(kind).expect("transport").connect().await {
+        Ok(transport) => transport,
+        Err(err) => service_unreachable(service, err),
+    }
+}
+
+fn event(entity_id: &str, version: i64) -> OutgoingMessage {
+    OutgoingMessage::from_envelope(&Envelope::new(
+        "listing.updated",
+        entity_id,
+        version,
+        serde_json::json!({}),
+    ))
+}
+
+fn poison() -> OutgoingMessage {
+    let routing =
+        Routing { event_type: "listing.updated".into(), entity_type: "listing".into(), stream: Stream::Live };
+    OutgoingMessage::with_routing(Bytes::from_static(b"{not json"), &routing, "poison".into())
+}
+
+/// Receives exactly `n` deliveries from `queue` (waiting up to 30 s). Close the subscription
+/// once they are settled.
+async fn receive(
+    transport: &Arc<dyn Transport>,
+    queue: &str,
+    n: usize,
+) -> (Box<dyn Subscription>, Vec<Delivery>) {
+    let mut subscription = transport.subscribe(queue, Default::default()).await.expect("subscribe");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut got = Vec::new();
+    while got.len() < n && Instant::now() < deadline {
+        got.extend(
+            subscription.next_batch(n - got.len(), Duration::from_millis(500)).await.expect("receive"),
+        );
+    }
+    assert_eq!(got.len(), n, "expected {n} messages in {queue}");
+    (subscription, got)
+}
+
+async fn depth(transport: &Arc<dyn Transport>, queue: &str) -> u64 {
+    let depth = transport.queue_depth(queue).await.expect("depth");
+    depth.ready + depth.in_flight
+}
+
+/// Nacks the one message in `queue` until the broker moves it to the DLQ by itself.
+async fn exhaust_receives(transport: &Arc<dyn Transport>, queue: &str, dlq: &str, before: u64) {
+    let mut subscription = transport.subscribe(queue, Default::default()).await.expect("subscribe");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while depth(transport, dlq).await == before {
+        assert!(Instant::now() < deadline, "the broker never dead-lettered the message");
+        for delivery in subscription.next_batch(1, Duration::from_millis(300)).await.expect("receive") {
+            delivery.nack(Duration::ZERO).await.expect("nack");
+        }
+    }
+    subscription.close().await.expect("close");
+}
+
+/// Three reasons in the DLQ: an invalid envelope (1), a sink refusal (2), too many receives (1).
+async fn dead_letters_of_three_reasons(transport: &Arc<dyn Transport>, queue: &str) {
+    let direct = Destination::Queue(queue.to_string());
+    let dlq = resync_bus::dead_letter_queue_name(queue);
+    transport.publish_batch(&direct, vec![poison(), event("1", 3), event("2", 5)]).await.expect("publish");
+    let (subscription, deliveries) = receive(transport, queue, 3).await;
+    for delivery in deliveries {
+        let dead = match delivery.envelope(&Default::default()) {
+            Err(err) => DeadLetter::invalid_envelope(&err),
+            Ok(_) => DeadLetter {
+                reason: DeadLetterReason::SinkRejected { status: 422 },
+                detail: "HTTP 422: {\"error\": \"title too long\"}".into(),
+            },
+        };
+        delivery.dead_letter(&dead).await.expect("dead-letter");
+    }
+    subscription.close().await.expect("close");
+    transport.publish(&direct, event("3", 1)).await.expect("publish");
+    exhaust_receives(transport, queue, &dlq, 3).await;
+}
+
+async fn listing_counts_reasons_and_loses_nothing_then_redrive_and_purge_select(kind: &str) {
+    let transport = connect(kind).await;
+    let mut spec = QueueSpec::new(unique_name("dlq"));
+    spec.max_receive_count = 2;
+    transport.declare_queue(&spec).await.expect("declare");
+    let (queue, dlq) = (spec.name.clone(), resync_bus::dead_letter_queue_name(&spec.name));
+    dead_letters_of_three_reasons(&transport, &queue).await;
+
+    let listed = resync_dlq::inspect(transport.as_ref(), &queue).await.expect("inspect");
+    let counts: Vec<_> =
+        resync_dlq::summarize(&listed.records).into_iter().map(|s| (s.reason, s.count)).collect();
+    assert_eq!(
+        counts,
+        [("sink-rejected-422".into(), 2), ("invalid-envelope".into(), 1), (MOVED_BY_BROKER.into(), 1)],
+        "{listed:#?}"
+    );
+    let rejected = listed.records.iter().find(|r| r.reason == "sink-rejected-422").expect("a rejection");
+    assert_eq!(rejected.entity_type.as_deref(), Some("listing"));
+    assert!(rejected.detail.as_deref().is_some_and(|d| d.contains("title too long")));
+    assert!(rejected.dead_lettered_at.is_some());
+    assert_eq!(listed.kept, 4);
+    assert_eq!(depth(&transport, &dlq).await, 4, "listing puts every dead letter back");
+
+    let selection = Selection { reason: Some("sink-rejected".into()), entity_type: None };
+    let redriven =
+        resync_dlq::redrive(transport.as_ref(), &queue, &selection, Some(50.0)).await.expect("redrive");
+    assert_eq!((redriven.moved, redriven.kept), (2, 2));
+    let (subscription, back) = receive(&transport, &queue, 2).await;
+    for delivery in back {
+        assert_eq!(delivery.attributes.get(REDRIVES).map(String::as_str), Some("1"));
+        assert!(!delivery.attributes.contains_key(attr::DEAD_LETTER_REASON), "judged afresh");
+        let entity = delivery.envelope(&Default::default()).expect("still a valid envelope").entity_id;
+        assert!(["1", "2"].contains(&entity.as_str()), "{entity}");
+        delivery.ack().await.expect("ack");
+    }
+    subscription.close().await.expect("close");
+
+    let invalid = Selection { reason: Some("invalid-envelope".into()), entity_type: None };
+    let purged =
+        resync_dlq::purge(transport.as_ref(), &queue, &invalid, Duration::ZERO).await.expect("purge");
+    assert_eq!((purged.deleted, purged.kept), (1, 1), "only the selected dead letter goes");
+    let left = resync_dlq::inspect(transport.as_ref(), &queue).await.expect("inspect");
+    assert_eq!(left.records.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>(), [MOVED_BY_BROKER]);
+
+    transport.delete_queue(&queue).await.expect("cleanup");
+}
+
+#[tokio::test]
+async fn rabbitmq_listing_counts_reasons_and_loses_nothing_then_redrive_and_purge_select() {
+    listing_counts_reasons_and_loses_nothing_then_redrive_and_purge_select("rabbitmq").await;
+}
+
+#[tokio::test]
+async fn sns_sqs_listing_counts_reasons_and_loses_nothing_then_redrive_and_purge_select() {
+    listing_counts_reasons_and_loses_nothing_then_redrive_and_purge_select("sns-sqs").await;
+}
