@@ -1,6 +1,7 @@
 //! `resync`: the command-line entry point. Parses arguments, builds configuration from flags
 //! and env vars, and calls the library crates; no logic of its own beyond wiring.
 
+mod dlq;
 mod serve;
 
 use std::net::SocketAddr;
@@ -76,6 +77,11 @@ enum Command {
     /// duplicates and a resync, then reports and checks that the third party equals the
     /// database. Exits non-zero if it does not. `--transport sns-sqs` runs it on the emulator.
     Demo(DemoArgs),
+    /// Inspect, redrive and purge a service's dead-letter queues.
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
+    },
     /// Maintain the outbox / event log.
     Outbox {
         #[command(subcommand)]
@@ -247,6 +253,7 @@ async fn main() -> Result<()> {
                 println!("{} {} was not paused", args.service, args.stream);
             }
         }
+        Command::Dlq { command } => dlq::run(&cli.common, command).await?,
         Command::Outbox { command: OutboxCommand::Prune { older_than } } => {
             let pool =
                 sqlx::PgPool::connect(&cli.common.database_url).await.context("connecting to Postgres")?;

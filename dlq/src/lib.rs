@@ -20,13 +20,13 @@ use resync_bus::transport::{
 use resync_bus::{DecodeLimits, attr, dead_letter_queue_name};
 use serde::Serialize;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// The reason of a message the broker moved by itself after too many receives (it carries no
 /// reason of ours: the consumer died or was stopped each time before it could give up).
 pub const MOVED_BY_BROKER: &str = "max-receives-exceeded";
 
-/// Most messages one sweep holds at once (RabbitMQ's prefetch is a 16-bit number).
+/// Most messages one sweep keeps held at once (RabbitMQ's prefetch is a 16-bit number).
 pub const MAX_SWEEP: u64 = 50_000;
 
 /// Errors of a DLQ operation.
@@ -171,7 +171,8 @@ pub struct SweepReport {
     pub moved: u64,
     pub deleted: u64,
     pub kept: u64,
-    /// The queue held more than [`MAX_SWEEP`] messages; only that many were looked at.
+    /// The sweep stopped holding more: more dead letters than it had room for (see
+    /// [`MAX_SWEEP`]); run it again for the rest.
     pub truncated: bool,
 }
 
@@ -233,8 +234,10 @@ impl Pacer {
     }
 }
 
-/// Receives what the DLQ held when the sweep started, decides each message's fate, and puts
-/// back everything kept. Kept messages stay held (unacked) until the end so each is seen once.
+/// Receives every dead letter the DLQ yields until it yields nothing more (or [`MAX_SWEEP`]),
+/// decides each one's fate, and puts back everything kept. Kept messages stay held (unacked)
+/// until the end so each is seen once. Not bounded by the depth read at the start: counts lag
+/// behind requeues (RabbitMQ) and are approximate (SQS).
 async fn sweep(
     transport: &dyn Transport,
     queue: &str,
@@ -243,21 +246,29 @@ async fn sweep(
 ) -> Result<SweepReport> {
     let dlq = dead_letter_queue_name(queue);
     let depth = transport.queue_depth(&dlq).await.map_err(on(&dlq))?;
-    let target = depth.ready.min(MAX_SWEEP);
-    let mut report = SweepReport { truncated: depth.ready > MAX_SWEEP, ..Default::default() };
-    if target == 0 {
-        return Ok(report);
+    if depth.in_flight > 0 {
+        warn!(
+            queue = %dlq,
+            in_flight = depth.in_flight,
+            "dead letters are held by another reader (or one that was killed); they are not seen \
+             now and return after the queue's visibility timeout"
+        );
     }
-    let prefetch = u16::try_from(target).unwrap_or(u16::MAX);
+    // Room for every message the sweep may hold, with slack for what arrives meanwhile.
+    let room = (depth.ready + depth.in_flight).saturating_mul(2).saturating_add(100).min(MAX_SWEEP);
+    let prefetch = u16::try_from(room).unwrap_or(u16::MAX);
     let mut subscription =
         transport.subscribe(&dlq, SubscribeOptions { prefetch }).await.map_err(on(&dlq))?;
+    let mut report = SweepReport::default();
     let mut pacer = Pacer::new(rate);
     let mut held = Vec::new();
     let mut empty_polls = 0;
-    // Counts are approximate on SQS: stop after a few empty polls rather than wait forever.
-    while (report.records.len() as u64) < target && empty_polls < 3 {
-        let want = usize::try_from(target - report.records.len() as u64).unwrap_or(usize::MAX).min(100);
-        let batch = subscription.next_batch(want, Duration::from_secs(2)).await.map_err(on(&dlq))?;
+    while empty_polls < 2 {
+        if held.len() as u64 >= room {
+            report.truncated = true;
+            break;
+        }
+        let batch = subscription.next_batch(100, Duration::from_secs(1)).await.map_err(on(&dlq))?;
         if batch.is_empty() {
             empty_polls += 1;
             continue;

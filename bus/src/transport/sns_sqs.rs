@@ -982,10 +982,18 @@ impl Transport for SnsSqsTransport {
 }
 
 /// Receipt handles of deliveries held by one subscription, by delivery id.
-type Held = Arc<Mutex<HashMap<u64, String>>>;
+#[derive(Default)]
+struct HeldSet {
+    receipts: Mutex<HashMap<u64, String>>,
+    /// Taken by a visibility extension round and by a nack: an extension computed before a nack
+    /// must not land after it and hide the message again for a whole timeout.
+    turn: tokio::sync::Mutex<()>,
+}
+
+type Held = Arc<HeldSet>;
 
 fn held_lock(held: &Held) -> std::sync::MutexGuard<'_, HashMap<u64, String>> {
-    held.lock().unwrap_or_else(|p| p.into_inner())
+    held.receipts.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Extends the visibility of every held delivery a third of the way into its timeout, so
@@ -995,6 +1003,7 @@ async fn keep_visible(sqs: aws_sdk_sqs::Client, queue_url: String, visibility: D
     let seconds = i32::try_from(visibility.as_secs()).unwrap_or(i32::MAX);
     loop {
         tokio::time::sleep(period).await;
+        let _turn = held.turn.lock().await;
         let receipts: Vec<(u64, String)> = held_lock(&held).iter().map(|(id, r)| (*id, r.clone())).collect();
         for chunk in receipts.chunks(MAX_BATCH_ENTRIES) {
             let entries: Vec<_> = chunk
@@ -1186,6 +1195,8 @@ impl Settle for SqsSettle {
     }
 
     async fn nack(&mut self, delay: Duration) -> Result<()> {
+        let held = self.held.clone();
+        let _turn = held.turn.lock().await;
         let Some(receipt) = self.release() else { return Ok(()) };
         // SQS caps a message's visibility timeout at 12 hours.
         let seconds = i32::try_from(delay.as_secs().min(43_200)).unwrap_or(0);

@@ -107,10 +107,28 @@ impl World {
         self.consumer_listening(lock_lease, "127.0.0.1:0".parse().expect("addr"))
     }
 
+    /// `resync` with this world's settings in its environment.
+    fn resync(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_resync"));
+        command
+            .env("RESYNC_CONFIG_DIR", &self.config_dir)
+            .env("RESYNC_TRANSPORT", self.kind)
+            .env("RESYNC_SCHEMA", self.schema.name())
+            .env("RESYNC_NAMESPACE", &self.namespace)
+            .env("RESYNC_DATABASE_URL", Service::Postgres.url())
+            .env("RESYNC_REDIS_URL", Service::Redis.url())
+            .env("RESYNC_AMQP_URL", Service::RabbitMq.url())
+            .env("AWS_ENDPOINT_URL", Service::SnsSqs.url())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        command
+    }
+
     fn consumer_listening(&self, lock_lease: &str, listen: std::net::SocketAddr) -> Process {
         let log = std::fs::File::create(self.config_dir.join(format!("{}.log", unique_name("consumer"))))
             .expect("consumer log");
-        let child = Command::new(env!("CARGO_BIN_EXE_resync"))
+        let child = self
+            .resync()
             .args([
                 "consume",
                 "--service",
@@ -121,16 +139,6 @@ impl World {
                 lock_lease,
             ])
             .args(["--shutdown-grace", "5s", "--db-pool-size", "3"])
-            .env("RESYNC_CONFIG_DIR", &self.config_dir)
-            .env("RESYNC_TRANSPORT", self.kind)
-            .env("RESYNC_SCHEMA", self.schema.name())
-            .env("RESYNC_NAMESPACE", &self.namespace)
-            .env("RESYNC_DATABASE_URL", Service::Postgres.url())
-            .env("RESYNC_REDIS_URL", Service::Redis.url())
-            .env("RESYNC_AMQP_URL", Service::RabbitMq.url())
-            .env("AWS_ENDPOINT_URL", Service::SnsSqs.url())
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -400,4 +408,97 @@ async fn a_consumer_serves_health_and_metrics_and_drains_on_sigterm() {
     world.wait_until_equal(Duration::from_secs(120)).await;
     assert_no_stale_overwrite(&world).await;
     world.cleanup().await;
+}
+
+/// The DLQ depth of the sync service's live queue once every write the sink refused (each is
+/// dead-lettered once, 4xx are not retried) is in it and the queue itself is drained.
+async fn settled_dead_letters(world: &World) -> u64 {
+    let queue = resync_bus::naming::queue_name(Some(&world.namespace), "sync", Stream::Live);
+    let dlq = resync_bus::dead_letter_queue_name(&queue);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let main = world.transport.queue_depth(&queue).await.expect("depth");
+        let dead = world.transport.queue_depth(&dlq).await.expect("dlq depth").ready;
+        let refused = world.client.stats().await.expect("apisim stats").status(422);
+        if main.ready + main.in_flight == 0 && refused > 0 && dead == refused {
+            return dead;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "queue never drained: {main:?}, {dead} dead letters for {refused} refusals"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The sink refuses a share of writes (422): those events are dead-lettered with the reason,
+/// listed with the right count, then redriven after the sink is fixed, by a redrive SIGKILLed
+/// mid-way and a second one once what the first held is back. Superseded versions among them are judged stale, never re-sent:
+/// the third party ends equal to the database with no stale overwrite.
+async fn dead_letters_are_redriven_after_the_sink_is_fixed(kind: &'static str, entities: usize) {
+    let api = ApiConfig { reject_rate: 0.2, seed: Some(21), ..ApiConfig::default() };
+    let mut world = World::new(kind, api).await;
+    let (events, truth) = shuffled_history(entities, 4, 0.0, 21);
+    world.publish(&events, truth).await;
+    let _consumer = world.consumer("15s");
+    let dead = settled_dead_letters(&world).await;
+
+    let listed =
+        world.resync().args(["dlq", "list", "--service", "sync", "--stream", "live", "--json"]).output();
+    let listed = listed.expect("resync dlq list");
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("json");
+    assert_eq!(listed["total"], dead);
+    assert_eq!(listed["reasons"][0]["reason"], "sink-rejected-422", "{listed}");
+    assert_eq!(listed["reasons"][0]["count"], dead, "{listed}");
+
+    world
+        .client
+        .set_faults(&resync_apisim::FaultsPatch { reject_rate: Some(0.0), ..Default::default() })
+        .await
+        .expect("fix the sink");
+    let before = world.applied_writes().await;
+    let redrive = |rate: &str| {
+        let args = ["dlq", "redrive", "--service", "sync", "--stream", "live", "--rate", rate];
+        world.resync().args(args).stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("redrive")
+    };
+    let mut interrupted = Process(redrive("5"));
+    eventually("the first redriven events to be applied", || async { world.applied_writes().await > before })
+        .await;
+    signal("-KILL", &interrupted.0.id().to_string());
+    let _ = interrupted.0.wait();
+    // What the killed redrive held returns to the DLQ: at once on RabbitMQ (connection gone),
+    // after the DLQ's visibility timeout (30 s) on SQS.
+    let queue = resync_bus::naming::queue_name(Some(&world.namespace), "sync", Stream::Live);
+    let dlq = resync_bus::dead_letter_queue_name(&queue);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while world.transport.queue_depth(&dlq).await.expect("dlq depth").in_flight > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the killed redrive's messages never came back");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let args = ["dlq", "redrive", "--service", "sync", "--stream", "live"];
+    let redriven = world.resync().args(args).env("RUST_LOG", "info").output().expect("redrive");
+    let report = format!(
+        "redrive: {}\n{}",
+        String::from_utf8_lossy(&redriven.stdout),
+        String::from_utf8_lossy(&redriven.stderr)
+    );
+    assert!(redriven.status.success(), "the redrive failed: {report}");
+    eprintln!("{report}");
+
+    world.wait_until_equal(Duration::from_secs(120)).await;
+    assert_no_stale_overwrite(&world).await;
+    let left = world.transport.queue_depth(&dlq).await.expect("dlq");
+    assert_eq!(left.ready, 0, "every dead letter was sent back and applied or judged stale");
+    world.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_dead_letters_are_redriven_after_the_sink_is_fixed() {
+    dead_letters_are_redriven_after_the_sink_is_fixed("rabbitmq", 100).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sns_sqs_dead_letters_are_redriven_after_the_sink_is_fixed() {
+    dead_letters_are_redriven_after_the_sink_is_fixed("sns-sqs", 40).await;
 }
