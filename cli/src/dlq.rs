@@ -104,11 +104,20 @@ pub(crate) async fn run(common: &Common, command: DlqCommand) -> Result<()> {
 
 async fn dispatch(common: &Common, transport: &dyn Transport, command: DlqCommand) -> Result<()> {
     let namespace = common.namespace.as_deref();
+    // With --json, one document for all queues: an array with an object per queue.
+    let mut documents = Vec::new();
+    let json = match &command {
+        DlqCommand::List(target)
+        | DlqCommand::Show { target, .. }
+        | DlqCommand::Redrive { target, .. }
+        | DlqCommand::Purge { target, .. } => target.json,
+    };
+    let mut out = Output { json, documents: &mut documents };
     match command {
         DlqCommand::List(target) => {
             for queue in existing(transport, target.queues(namespace)).await? {
                 let report = resync_dlq::inspect(transport, &queue).await?;
-                print_list(&queue, &report, target.json)?;
+                out.list(&queue, &report);
             }
         }
         DlqCommand::Show { target, limit, selection } => {
@@ -117,7 +126,7 @@ async fn dispatch(common: &Common, transport: &dyn Transport, command: DlqComman
                 let report = resync_dlq::inspect(transport, &queue).await?;
                 let records: Vec<_> =
                     report.records.iter().filter(|r| selection.matches(r)).take(limit).collect();
-                print_records(&queue, &records, target.json)?;
+                out.records(&queue, &records);
             }
         }
         DlqCommand::Redrive { target, selection, rate, dry_run } => {
@@ -126,11 +135,13 @@ async fn dispatch(common: &Common, transport: &dyn Transport, command: DlqComman
                 if dry_run {
                     let report = resync_dlq::inspect(transport, &queue).await?;
                     let records: Vec<_> = report.records.iter().filter(|r| selection.matches(r)).collect();
-                    println!("dry run: {} dead letters of {queue} would be sent back", records.len());
-                    print_records(&queue, &records, target.json)?;
+                    if !json {
+                        println!("dry run: {} dead letters of {queue} would be sent back", records.len());
+                    }
+                    out.records(&queue, &records);
                 } else {
                     let report = resync_dlq::redrive(transport, &queue, &selection, rate).await?;
-                    print_outcome(&queue, "sent back", report.moved, &report, target.json)?;
+                    out.outcome(&queue, "sent back", report.moved, &report);
                 }
             }
         }
@@ -141,9 +152,12 @@ async fn dispatch(common: &Common, transport: &dyn Transport, command: DlqComman
             );
             for queue in existing(transport, target.queues(namespace)).await? {
                 let report = resync_dlq::purge(transport, &queue, &selection.selection(), older_than).await?;
-                print_outcome(&queue, "deleted", report.deleted, &report, target.json)?;
+                out.outcome(&queue, "deleted", report.deleted, &report);
             }
         }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&documents)?);
     }
     Ok(())
 }
@@ -165,56 +179,69 @@ async fn existing(transport: &dyn Transport, queues: Vec<String>) -> Result<Vec<
     Ok(found)
 }
 
-fn print_list(queue: &str, report: &SweepReport, json: bool) -> Result<()> {
-    let summaries = resync_dlq::summarize(&report.records);
-    if json {
-        let value = serde_json::json!({"queue": queue, "total": report.records.len(), "reasons": summaries, "truncated": report.truncated});
-        println!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(());
-    }
-    println!("{}: {} dead letters", resync_bus::dead_letter_queue_name(queue), report.records.len());
-    for s in summaries {
-        let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map_or("-".to_string(), |t| t.to_rfc3339());
-        println!("  {:>7}  {:<28} oldest {}  newest {}", s.count, s.reason, time(s.oldest), time(s.newest));
-    }
-    if report.truncated {
-        println!("  (only the first {} were read)", resync_dlq::MAX_SWEEP);
-    }
-    Ok(())
+/// Prints text at once, or collects one JSON object per queue.
+struct Output<'a> {
+    json: bool,
+    documents: &'a mut Vec<serde_json::Value>,
 }
 
-fn print_records(queue: &str, records: &[&DeadLetterRecord], json: bool) -> Result<()> {
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"queue": queue, "dead_letters": records}))?
-        );
-        return Ok(());
+impl Output<'_> {
+    fn list(&mut self, queue: &str, report: &SweepReport) {
+        let summaries = resync_dlq::summarize(&report.records);
+        if self.json {
+            self.documents.push(serde_json::json!({
+                "queue": queue,
+                "total": report.records.len(),
+                "reasons": summaries,
+                "truncated": report.truncated,
+            }));
+            return;
+        }
+        println!("{}: {} dead letters", resync_bus::dead_letter_queue_name(queue), report.records.len());
+        for s in summaries {
+            let time =
+                |t: Option<chrono::DateTime<chrono::Utc>>| t.map_or("-".to_string(), |t| t.to_rfc3339());
+            println!(
+                "  {:>7}  {:<28} oldest {}  newest {}",
+                s.count,
+                s.reason,
+                time(s.oldest),
+                time(s.newest)
+            );
+        }
+        if report.truncated {
+            println!("  (more than {} dead letters: only those were read)", resync_dlq::MAX_SWEEP);
+        }
     }
-    for r in records {
-        let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
-        println!(
-            "{} {}/{} v{} {} attempts={} at={} redrives={}\n    {}",
-            or_dash(r.event_type.clone()),
-            or_dash(r.entity_type.clone()),
-            or_dash(r.entity_id.clone()),
-            or_dash(r.version.map(|v| v.to_string())),
-            r.reason,
-            or_dash(r.attempts.map(|a| a.to_string())),
-            or_dash(r.dead_lettered_at.map(|t| t.to_rfc3339())),
-            r.redrives,
-            or_dash(r.detail.clone()),
-        );
-    }
-    Ok(())
-}
 
-fn print_outcome(queue: &str, what: &str, count: u64, report: &SweepReport, json: bool) -> Result<()> {
-    if json {
-        let value = serde_json::json!({"queue": queue, what.replace(' ', "_"): count, "kept": report.kept});
-        println!("{}", serde_json::to_string_pretty(&value)?);
-    } else {
-        println!("{queue}: {count} dead letters {what}, {} kept", report.kept);
+    fn records(&mut self, queue: &str, records: &[&DeadLetterRecord]) {
+        if self.json {
+            self.documents.push(serde_json::json!({"queue": queue, "dead_letters": records}));
+            return;
+        }
+        for r in records {
+            let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+            println!(
+                "{} {}/{} v{} {} attempts={} at={} redrives={}\n    {}",
+                or_dash(r.event_type.clone()),
+                or_dash(r.entity_type.clone()),
+                or_dash(r.entity_id.clone()),
+                or_dash(r.version.map(|v| v.to_string())),
+                r.reason,
+                or_dash(r.attempts.map(|a| a.to_string())),
+                or_dash(r.dead_lettered_at.map(|t| t.to_rfc3339())),
+                r.redrives,
+                or_dash(r.detail.clone()),
+            );
+        }
     }
-    Ok(())
+
+    fn outcome(&mut self, queue: &str, what: &str, count: u64, report: &SweepReport) {
+        if self.json {
+            let key = what.replace(' ', "_");
+            self.documents.push(serde_json::json!({"queue": queue, key: count, "kept": report.kept}));
+        } else {
+            println!("{queue}: {count} dead letters {what}, {} kept", report.kept);
+        }
+    }
 }

@@ -525,20 +525,35 @@ impl Processor {
                         warn!(error = %err, "could not clear the sink intent; older events stay stale");
                     }
                     let dead = DeadLetter { reason: DeadLetterReason::SinkRejected { status }, detail };
+                    self.remember_dead_letter(envelope, &dead).await;
                     self.dead_letter(delivery, dead).await
                 }
-                Err(err) => self.retry_later(delivery, err).await,
+                Err(err) => self.retry_later(delivery, envelope, err).await,
             }
         }
         .instrument(event_span(envelope))
         .await
     }
 
-    async fn retry_later(&self, delivery: Delivery, err: ApplyError) -> Outcome {
+    /// Records the entity as rejected by this sink; a failure only costs the record.
+    async fn remember_dead_letter(&self, envelope: &Envelope, dead: &DeadLetter) {
+        let key = EntityKey {
+            sink: self.sink.name(),
+            entity_type: &envelope.entity_type,
+            entity_id: &envelope.entity_id,
+        };
+        let reason = dead.reason.as_attribute();
+        if let Err(err) = self.store.record_dead_letter(key, envelope.version, &reason, &dead.detail).await {
+            warn!(error = %err, "could not record the dead-lettered entity; `--only-rejected` will miss it");
+        }
+    }
+
+    async fn retry_later(&self, delivery: Delivery, envelope: &Envelope, err: ApplyError) -> Outcome {
         let from_sink = matches!(err, ApplyError::Sink(_));
         if from_sink && delivery.receive_count >= self.retry.max_receive_count {
             warn!(error = %err, receives = delivery.receive_count, "giving up; dead-lettering");
             let dead = DeadLetter { reason: DeadLetterReason::MaxReceivesExceeded, detail: err.to_string() };
+            self.remember_dead_letter(envelope, &dead).await;
             return self.dead_letter(delivery, dead).await;
         }
         // Later deliveries wait longer, so a struggling third party gets room.

@@ -286,6 +286,34 @@ impl AppliedStore {
         Ok(())
     }
 
+    /// Remembers that an event of the entity was dead-lettered (the newest such version wins),
+    /// so the entities a sink refused can be resent once it is fixed.
+    pub async fn record_dead_letter(
+        &self,
+        key: EntityKey<'_>,
+        version: i64,
+        reason: &str,
+        detail: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(self.schema.sql(
+            "INSERT INTO {schema}.dead_lettered_entities AS d \
+               (sink, entity_type, entity_id, version, reason, detail) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (sink, entity_type, entity_id) DO UPDATE \
+               SET version = EXCLUDED.version, reason = EXCLUDED.reason, detail = EXCLUDED.detail, \
+                   dead_lettered_at = clock_timestamp() \
+               WHERE d.version <= EXCLUDED.version",
+        ))
+        .bind(key.sink)
+        .bind(key.entity_type)
+        .bind(key.entity_id)
+        .bind(version)
+        .bind(reason)
+        .bind(detail)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Many compare-and-sets in one statement (one commit); returns, per request in order,
     /// whether it was recorded. Each entity may appear at most once.
     pub async fn compare_and_set_many(

@@ -448,9 +448,35 @@ async fn dead_letters_are_redriven_after_the_sink_is_fixed(kind: &'static str, e
     let listed = listed.expect("resync dlq list");
     assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("json");
+    let listed = &listed[0];
     assert_eq!(listed["total"], dead);
     assert_eq!(listed["reasons"][0]["reason"], "sink-rejected-422", "{listed}");
     assert_eq!(listed["reasons"][0]["count"], dead, "{listed}");
+    let shown = world
+        .resync()
+        .args(["dlq", "show", "--service", "sync", "--stream", "live", "--limit", "100000", "--json"])
+        .output();
+    let shown: serde_json::Value =
+        serde_json::from_slice(&shown.expect("resync dlq show").stdout).expect("json");
+    let rejected: std::collections::BTreeSet<String> = shown[0]["dead_letters"]
+        .as_array()
+        .expect("dead letters")
+        .iter()
+        .map(|d| d["entity_id"].as_str().expect("entity id").to_string())
+        .collect();
+    let recorded: Vec<String> = sqlx::query_scalar(
+        world
+            .schema
+            .sql("SELECT entity_id FROM {schema}.dead_lettered_entities WHERE sink = 'sync' ORDER BY 1"),
+    )
+    .fetch_all(&world.pool)
+    .await
+    .expect("dead-lettered entities");
+    assert_eq!(
+        recorded,
+        rejected.into_iter().collect::<Vec<_>>(),
+        "each refused entity is recorded for the sink"
+    );
 
     world
         .client
