@@ -2,6 +2,7 @@
 //! and env vars, and calls the library crates; no logic of its own beyond wiring.
 
 mod dlq;
+mod job;
 mod serve;
 
 use std::net::SocketAddr;
@@ -77,6 +78,12 @@ enum Command {
     /// duplicates and a resync, then reports and checks that the third party equals the
     /// database. Exits non-zero if it does not. `--transport sns-sqs` runs it on the emulator.
     Demo(DemoArgs),
+    /// Full resync jobs: resend every entity of a type from its source table on the resync
+    /// stream (start, resume, pause, cancel, status, list).
+    Job {
+        #[command(subcommand)]
+        command: job::JobCommand,
+    },
     /// Inspect, redrive and purge a service's dead-letter queues.
     Dlq {
         #[command(subcommand)]
@@ -254,6 +261,7 @@ async fn main() -> Result<()> {
             }
         }
         Command::Dlq { command } => dlq::run(&cli.common, command).await?,
+        Command::Job { command } => job::run(&cli.common, &schema, command).await?,
         Command::Outbox { command: OutboxCommand::Prune { older_than } } => {
             let pool =
                 sqlx::PgPool::connect(&cli.common.database_url).await.context("connecting to Postgres")?;

@@ -138,6 +138,8 @@ pub struct ServiceConfig {
     pub subscriptions: Vec<Subscription>,
     pub sink: Option<SinkSpec>,
     pub consumer: ConsumerSpec,
+    /// Where `resync job start` reads this service's entities for a full resync.
+    pub sources: Vec<SourceSpec>,
     pub source_file: PathBuf,
 }
 
@@ -196,6 +198,29 @@ impl Default for ConsumerSpec {
     }
 }
 
+/// The table an entity type is resynced from. Identifiers are checked against the database
+/// catalog and quoted when a job starts; `filter` is an SQL boolean expression written by the
+/// service's owners (it runs in a read-only transaction and may not contain `;`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceSpec {
+    pub entity: String,
+    /// `table` or `schema.table`.
+    pub table: String,
+    pub id_column: String,
+    pub version_column: String,
+    /// A jsonb column holding the event data, or the columns that form it.
+    pub data: SourceData,
+    /// A boolean column: true rows are resent as `<entity>.deleted` tombstones.
+    pub deleted_column: Option<String>,
+    pub filter: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceData {
+    Column(String),
+    Columns(Vec<String>),
+}
+
 // ---- the file format ---------------------------------------------------------------------
 
 /// One service's config file (`<service>.toml`, or `.yaml`, in the config directory).
@@ -217,6 +242,31 @@ struct ServiceFile {
     /// How `resync consume` runs for this service.
     #[serde(default)]
     consumer: ConsumerFile,
+    /// The tables `resync job start` resends entities from (one per entity type published).
+    #[serde(default)]
+    sources: Vec<SourceFile>,
+}
+
+/// Where a full resync reads an entity type.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct SourceFile {
+    /// The entity type, e.g. `listing`; the service must publish `<entity>.updated`.
+    entity: String,
+    /// `table` or `schema.table`.
+    table: String,
+    /// The entity id column (any type; sent as text). Default `id`.
+    id_column: Option<String>,
+    /// The entity version column (an integer the application increments). Default `version`.
+    version_column: Option<String>,
+    /// A jsonb column holding the event data ...
+    data_column: Option<String>,
+    /// ... or the columns that form it (`{"column": value, ...}`). Exactly one of the two.
+    data_columns: Option<Vec<String>>,
+    /// A boolean column: rows where it is true are resent as `<entity>.deleted` tombstones.
+    deleted_column: Option<String>,
+    /// An SQL boolean expression over the table's columns limiting which rows are resent.
+    filter: Option<String>,
 }
 
 /// Event types received on some streams, and the settings of the queue they arrive in.
@@ -342,13 +392,97 @@ fn validate_service(file: &Path, raw: ServiceFile) -> Result<ServiceConfig, Conf
     check_queue_settings_agree(file, &subscriptions)?;
     let sink = raw.sink.map(|s| validate_sink(file, s)).transpose()?;
     let consumer = validate_consumer(file, raw.consumer)?;
+    let sources = raw
+        .sources
+        .into_iter()
+        .enumerate()
+        .map(|(i, source)| validate_source(file, i, source, &raw.publishes))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(ServiceConfig {
         name: raw.name,
         publishes: raw.publishes,
         subscriptions,
         sink,
         consumer,
+        sources,
         source_file: file.to_path_buf(),
+    })
+}
+
+/// An SQL identifier fare accepts from config: letters, digits and `_`, not starting with a
+/// digit, at most 63 bytes (Postgres's limit). Quoted wherever it is used.
+fn check_identifier(file: &Path, key: &str, text: &str) -> Result<(), ConfigError> {
+    let valid = !text.is_empty()
+        && text.len() <= 63
+        && text.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid {
+        return Ok(());
+    }
+    Err(invalid(file, key, format!("`{text}`: expected an SQL identifier (letters, digits and `_`)")))
+}
+
+fn validate_source(
+    file: &Path,
+    i: usize,
+    raw: SourceFile,
+    publishes: &[String],
+) -> Result<SourceSpec, ConfigError> {
+    let key = |field: &str| format!("sources[{i}].{field}");
+    let updated = format!("{}.updated", raw.entity);
+    if !publishes.contains(&updated) {
+        return Err(invalid(
+            file,
+            key("entity"),
+            format!(
+                "`{}`: a resync sends `{updated}` events, so the service must publish `{updated}`",
+                raw.entity
+            ),
+        ));
+    }
+    let mut parts = raw.table.splitn(2, '.');
+    for part in parts.by_ref() {
+        check_identifier(file, &key("table"), part)?;
+    }
+    let id_column = raw.id_column.unwrap_or_else(|| "id".into());
+    let version_column = raw.version_column.unwrap_or_else(|| "version".into());
+    check_identifier(file, &key("id_column"), &id_column)?;
+    check_identifier(file, &key("version_column"), &version_column)?;
+    let data = match (raw.data_column, raw.data_columns) {
+        (Some(column), None) => {
+            check_identifier(file, &key("data_column"), &column)?;
+            SourceData::Column(column)
+        }
+        (None, Some(columns)) if !columns.is_empty() => {
+            for (j, column) in columns.iter().enumerate() {
+                check_identifier(file, &key(&format!("data_columns[{j}]")), column)?;
+            }
+            SourceData::Columns(columns)
+        }
+        _ => {
+            return Err(invalid(
+                file,
+                key("data_column"),
+                "expected exactly one of `data_column` and `data_columns`",
+            ));
+        }
+    };
+    if let Some(column) = &raw.deleted_column {
+        check_identifier(file, &key("deleted_column"), column)?;
+    }
+    if let Some(filter) = &raw.filter
+        && (filter.contains(';') || filter.trim().is_empty())
+    {
+        return Err(invalid(file, key("filter"), "expected one SQL boolean expression, without `;`"));
+    }
+    Ok(SourceSpec {
+        entity: raw.entity,
+        table: raw.table,
+        id_column,
+        version_column,
+        data,
+        deleted_column: raw.deleted_column,
+        filter: raw.filter,
     })
 }
 
@@ -625,6 +759,37 @@ publishes = ["listing.created", "listing.updated", "listing.deleted"]
             .expect_err("unknown key");
         let err = err.to_string();
         assert!(err.starts_with("s.yml:") && err.contains("unknown field `typs`"), "{err}");
+    }
+
+    #[test]
+    fn sources_name_checked_identifiers_and_need_the_published_type() {
+        let service = load_str(
+            "l.toml",
+            "name = \"listings\"\npublishes = [\"listing.updated\"]\n[[sources]]\nentity = \"listing\"\n\
+             table = \"app.listings\"\ndata_columns = [\"title\", \"price\"]\ndeleted_column = \"deleted\"",
+        )
+        .expect("valid");
+        let source = &service.sources[0];
+        assert_eq!((source.id_column.as_str(), source.version_column.as_str()), ("id", "version"));
+        assert_eq!(source.data, SourceData::Columns(vec!["title".into(), "price".into()]));
+
+        let cases = [
+            ("table = \"listings; drop table x\"\ndata_column = \"d\"", "`sources[0].table`"),
+            ("table = \"l\"\ndata_column = \"d\"\nid_column = \"id)\"", "`sources[0].id_column`"),
+            ("table = \"l\"", "`sources[0].data_column`"),
+            ("table = \"l\"\ndata_column = \"d\"\nfilter = \"true; delete\"", "`sources[0].filter`"),
+        ];
+        for (fields, key) in cases {
+            let text = format!(
+                "name = \"listings\"\npublishes = [\"listing.updated\"]\n[[sources]]\nentity = \"listing\"\n{fields}"
+            );
+            let err = load_str("l.toml", &text).expect_err(key).to_string();
+            assert!(err.contains(key), "{err}");
+        }
+        let unpublished =
+            "name = \"a\"\n[[sources]]\nentity = \"listing\"\ntable = \"l\"\ndata_column = \"d\"";
+        let err = load_str("a.toml", unpublished).expect_err("unpublished").to_string();
+        assert!(err.contains("`sources[0].entity`") && err.contains("listing.updated"), "{err}");
     }
 
     #[test]

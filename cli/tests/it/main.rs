@@ -1,4 +1,5 @@
 //! The `resync` binary end to end: real processes, real signals, real services.
 
 mod consume;
+mod job;
 mod relay;

@@ -1,0 +1,168 @@
+//! `resync job`: argument shapes and printing around the `resync-snapshotter` library.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use resync_bus::{Stream, TransportConfig};
+use resync_migrations::Schema;
+use resync_snapshotter::{Job, JobOptions};
+use uuid::Uuid;
+
+use crate::{Common, connect_db};
+
+#[derive(Subcommand)]
+pub(crate) enum JobCommand {
+    /// Resend every entity of a type from its source table (as the publishing service's config
+    /// maps it) on the resync stream, then run the job in this process until every row is
+    /// published. Killed or stopped, it continues from its last checkpoint with `resume`.
+    Start(StartArgs),
+    /// Continue a paused or interrupted job from its last checkpoint, in this process.
+    Resume { id: Uuid },
+    /// Stop a running job after its current chunk (a runner stops; `resume` continues).
+    Pause { id: Uuid },
+    /// Stop a job for good.
+    Cancel { id: Uuid },
+    /// A job's progress: published / total, rate, ETA. On a terminal, with `--watch`, a live
+    /// progress bar until the job stops.
+    Status {
+        id: Uuid,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        watch: bool,
+    },
+    /// The newest jobs.
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub(crate) struct StartArgs {
+    /// The entity type, e.g. `listing`; a service's config must map its source table.
+    #[arg(long)]
+    entity: String,
+    /// The directory of service config files (the same one `fare` reads).
+    #[arg(long, env = "RESYNC_CONFIG_DIR", default_value = "services")]
+    config_dir: std::path::PathBuf,
+    /// An extra SQL boolean expression over the source table's columns, e.g. `country = 'PT'`.
+    #[arg(long)]
+    filter: Option<String>,
+    /// Most events per second (keep a resync within its share of the broker / SNS quota).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Send only to this service (straight to its resync queue) instead of every subscriber.
+    #[arg(long)]
+    target_service: Option<String>,
+    /// Rows read and published per checkpoint.
+    #[arg(long, default_value_t = 1000)]
+    chunk_size: i64,
+    /// Record the job and print its id without running it (run it with `resume`).
+    #[arg(long)]
+    detach: bool,
+}
+
+pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -> Result<()> {
+    let pool = connect_db(common).await?;
+    match command {
+        JobCommand::Start(args) => {
+            let catalog = fare_config::load_dir(&args.config_dir)?;
+            let source = catalog
+                .services
+                .iter()
+                .flat_map(|s| s.sources.iter())
+                .find(|s| s.entity == args.entity)
+                .with_context(|| {
+                    format!("no service in {} maps a source for `{}`", args.config_dir.display(), args.entity)
+                })?;
+            let namespace = common.namespace.as_deref();
+            let options = JobOptions {
+                filter: args.filter,
+                rate: args.rate,
+                target_queue: args
+                    .target_service
+                    .map(|service| resync_bus::naming::queue_name(namespace, &service, Stream::Resync)),
+                chunk_size: args.chunk_size,
+            };
+            let id = resync_snapshotter::create(&pool, schema, namespace, source, &options).await?;
+            println!("job {id}");
+            if !args.detach {
+                run_job(common, schema, &pool, id).await?;
+            }
+        }
+        JobCommand::Resume { id } => {
+            resync_snapshotter::transition(&pool, schema, id, &["paused", "running"], "running").await?;
+            run_job(common, schema, &pool, id).await?;
+        }
+        JobCommand::Pause { id } => {
+            let job = resync_snapshotter::transition(&pool, schema, id, &["running"], "paused").await?;
+            println!("{}", line(&job));
+        }
+        JobCommand::Cancel { id } => {
+            let job = resync_snapshotter::transition(&pool, schema, id, &["running", "paused"], "cancelled")
+                .await?;
+            println!("{}", line(&job));
+        }
+        JobCommand::Status { id, json, watch } => loop {
+            let job = resync_snapshotter::get(&pool, schema, id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&job)?);
+                break;
+            }
+            let live = watch && std::io::stdout().is_terminal() && job.status == "running";
+            if live {
+                print!("\r{}   ", line(&job));
+                use std::io::Write;
+                std::io::stdout().flush()?;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            } else {
+                println!("{}", line(&job));
+                break;
+            }
+        },
+        JobCommand::List { limit, json } => {
+            let jobs = resync_snapshotter::list(&pool, schema, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&jobs)?);
+            } else {
+                for job in jobs {
+                    println!("{}", line(&job));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run_job(common: &Common, schema: &Schema, pool: &sqlx::PgPool, id: Uuid) -> Result<()> {
+    let transport = TransportConfig::named(&common.transport)?.connect().await?;
+    let job = resync_snapshotter::run(pool, schema, transport.as_ref(), id).await;
+    transport.close().await?;
+    println!("{}", line(&job?));
+    Ok(())
+}
+
+/// `<id> <entity> <status> [#####.....] published/total  rate/s  ETA`
+fn line(job: &Job) -> String {
+    let total = job.total.unwrap_or(0).max(job.emitted);
+    let share = if total > 0 { job.emitted as f64 / total as f64 } else { 0.0 };
+    let filled = (share * 30.0).round() as usize;
+    let bar = format!("{}{}", "#".repeat(filled), ".".repeat(30 - filled.min(30)));
+    let eta =
+        job.eta().map(|d| format!("  ETA {}", humantime::format_duration(Duration::from_secs(d.as_secs()))));
+    format!(
+        "{} {} {:<9} [{bar}] {}/{}  {:.0}/s{}",
+        job.id,
+        job.entity_type,
+        job.status,
+        job.emitted,
+        job.total.map_or("?".to_string(), |t| t.to_string()),
+        job.rate(),
+        eta.unwrap_or_default()
+    )
+}

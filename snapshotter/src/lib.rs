@@ -1,0 +1,348 @@
+//! # resync-snapshotter: full resync jobs
+//!
+//! Owns resync jobs: reading a source table (as a service's config maps it) in one consistent
+//! snapshot, in id order and in chunks, and publishing one resync event per row on the resync
+//! stream, paced, with a checkpoint per confirmed chunk in Postgres (table `jobs`) so a runner
+//! killed at any point resumes where it stopped and misses no entity. Also the job's life:
+//! start, pause, resume, cancel, status.
+//!
+//! Does not own applying the events (the consumer, whose version rule makes live and resync
+//! events safe together and re-sent chunks harmless), nor the source mapping's format
+//! (`fare-config`'s [`SourceSpec`]).
+//!
+//! Still to come (see the issue): completion counted from the consumers' applied events,
+//! `pause-live` mode, `--skip-unchanged`, `verify`, parallel readers sharing one exported
+//! snapshot, `--only-rejected`.
+
+mod query;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use fare_config::SourceSpec;
+use resync_bus::{Destination, Envelope, OutgoingMessage, Stream, Transport, TransportError};
+use resync_migrations::Schema;
+use serde::{Deserialize, Serialize};
+use sqlx::{PgPool, Row};
+use tokio::time::Instant;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+pub use query::SourceQuery;
+
+/// Errors of a job.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("database: {context}: {source}")]
+    Database {
+        context: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("source `{table}`: {problem}")]
+    Source { table: String, problem: String },
+    #[error("publishing: {0}")]
+    Publish(#[from] TransportError),
+    #[error("no job {0}")]
+    NotFound(Uuid),
+    #[error("job {id} is {status}: {hint}")]
+    State { id: Uuid, status: String, hint: &'static str },
+}
+
+type Result<T> = std::result::Result<T, JobError>;
+
+fn db(context: impl Into<String>) -> impl FnOnce(sqlx::Error) -> JobError {
+    let context = context.into();
+    move |source| JobError::Database { context, source }
+}
+
+/// What a job was asked to do; stored with it, read again on resume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub entity_type: String,
+    /// The source query, built and checked against the catalog when the job was created.
+    pub query: SourceQuery,
+    /// Where events go: the entity's resync topic, or one service's queue.
+    pub destination: JobDestination,
+    /// Most rows published per second (`None`: as fast as the broker confirms).
+    pub rate: Option<f64>,
+    pub chunk_size: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobDestination {
+    Topic(String),
+    Queue(String),
+}
+
+impl JobDestination {
+    fn destination(&self) -> Destination {
+        match self {
+            JobDestination::Topic(t) => Destination::Topic(t.clone()),
+            JobDestination::Queue(q) => Destination::Queue(q.clone()),
+        }
+    }
+}
+
+/// How to start a job.
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    /// An extra SQL boolean expression narrowing the source's rows (trusted operator input,
+    /// no `;`).
+    pub filter: Option<String>,
+    pub rate: Option<f64>,
+    /// Send straight to this service's resync queue instead of the topic (one subscriber).
+    pub target_queue: Option<String>,
+    pub chunk_size: i64,
+}
+
+impl Default for JobOptions {
+    fn default() -> Self {
+        Self { filter: None, rate: None, target_queue: None, chunk_size: 1000 }
+    }
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Job {
+    pub id: Uuid,
+    pub entity_type: String,
+    pub status: String,
+    pub checkpoint: Option<String>,
+    pub emitted: i64,
+    pub total: Option<i64>,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl Job {
+    /// Rows per second since the job was created (over its whole life, pauses included).
+    pub fn rate(&self) -> f64 {
+        let end = self.finished_at.unwrap_or(self.updated_at);
+        let seconds = (end - self.created_at).num_milliseconds().max(1) as f64 / 1000.0;
+        self.emitted as f64 / seconds
+    }
+
+    /// Time left at the current rate, while running.
+    pub fn eta(&self) -> Option<Duration> {
+        let left = self.total? - self.emitted;
+        let rate = self.rate();
+        (self.status == "running" && rate > 0.0 && left > 0)
+            .then(|| Duration::from_secs_f64(left as f64 / rate))
+    }
+}
+
+/// Checks the source against the database catalog and records a new job (status `running`).
+pub async fn create(
+    pool: &PgPool,
+    schema: &Schema,
+    namespace: Option<&str>,
+    source: &SourceSpec,
+    options: &JobOptions,
+) -> Result<Uuid> {
+    let query = SourceQuery::build(pool, source, options.filter.as_deref()).await?;
+    let destination = match &options.target_queue {
+        Some(queue) => JobDestination::Queue(queue.clone()),
+        None => {
+            JobDestination::Topic(resync_bus::naming::topic_name(namespace, &source.entity, Stream::Resync))
+        }
+    };
+    let spec = JobSpec {
+        entity_type: source.entity.clone(),
+        query,
+        destination,
+        rate: options.rate,
+        chunk_size: options.chunk_size.max(1),
+    };
+    let id = Uuid::now_v7();
+    let spec_json = serde_json::to_value(&spec).map_err(|e| JobError::Source {
+        table: source.table.clone(),
+        problem: format!("cannot record the job: {e}"),
+    })?;
+    sqlx::query(
+        schema
+            .sql("INSERT INTO {schema}.jobs (id, entity_type, status, spec) VALUES ($1, $2, 'running', $3)"),
+    )
+    .bind(id)
+    .bind(&source.entity)
+    .bind(spec_json)
+    .execute(pool)
+    .await
+    .map_err(db("recording the job"))?;
+    info!(job = %id, entity = %source.entity, "job created");
+    Ok(id)
+}
+
+const JOB_COLUMNS: &str =
+    "id, entity_type, status, checkpoint, emitted, total, error, created_at, updated_at, finished_at";
+
+fn job_of(row: &sqlx::postgres::PgRow) -> std::result::Result<Job, sqlx::Error> {
+    Ok(Job {
+        id: row.try_get("id")?,
+        entity_type: row.try_get("entity_type")?,
+        status: row.try_get("status")?,
+        checkpoint: row.try_get("checkpoint")?,
+        emitted: row.try_get("emitted")?,
+        total: row.try_get("total")?,
+        error: row.try_get("error")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+pub async fn get(pool: &PgPool, schema: &Schema, id: Uuid) -> Result<Job> {
+    let sql = schema.sql(&format!("SELECT {JOB_COLUMNS} FROM {{schema}}.jobs WHERE id = $1"));
+    let row = sqlx::query(sql).bind(id).fetch_optional(pool).await.map_err(db("reading the job"))?;
+    let row = row.ok_or(JobError::NotFound(id))?;
+    job_of(&row).map_err(db("reading the job"))
+}
+
+/// The newest jobs first.
+pub async fn list(pool: &PgPool, schema: &Schema, limit: i64) -> Result<Vec<Job>> {
+    let sql =
+        schema.sql(&format!("SELECT {JOB_COLUMNS} FROM {{schema}}.jobs ORDER BY created_at DESC LIMIT $1"));
+    let rows = sqlx::query(sql).bind(limit).fetch_all(pool).await.map_err(db("listing jobs"))?;
+    rows.iter().map(job_of).collect::<std::result::Result<_, _>>().map_err(db("listing jobs"))
+}
+
+/// Moves a job from one of `from` to `to`; a runner sees it after its current chunk.
+pub async fn transition(pool: &PgPool, schema: &Schema, id: Uuid, from: &[&str], to: &str) -> Result<Job> {
+    let from: Vec<String> = from.iter().map(|s| s.to_string()).collect();
+    let sql = schema.sql(
+        "UPDATE {schema}.jobs SET status = $3, updated_at = clock_timestamp(), \
+         finished_at = CASE WHEN $3 IN ('cancelled') THEN clock_timestamp() ELSE finished_at END \
+         WHERE id = $1 AND status = ANY($2)",
+    );
+    let changed =
+        sqlx::query(sql).bind(id).bind(&from).bind(to).execute(pool).await.map_err(db("updating the job"))?;
+    let job = get(pool, schema, id).await?;
+    if changed.rows_affected() == 0 && job.status != to {
+        return Err(JobError::State { id, status: job.status, hint: "that change does not apply to it" });
+    }
+    Ok(job)
+}
+
+/// Runs a `running` job to its end (or until it is paused or cancelled): reads its source in
+/// one snapshot from its checkpoint on, publishes each chunk, checkpoints it. Returns the job
+/// as it stands after.
+pub async fn run(pool: &PgPool, schema: &Schema, transport: &dyn Transport, id: Uuid) -> Result<Job> {
+    let job = get(pool, schema, id).await?;
+    if job.status != "running" {
+        let hint = "only a running job runs (`resync job resume` continues a paused one)";
+        return Err(JobError::State { id, status: job.status, hint });
+    }
+    let spec = load_spec(pool, schema, id).await?;
+    let mut reader = pool.begin().await.map_err(db("opening the snapshot"))?;
+    // One snapshot for the whole run: every row as of one instant, however long the run.
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *reader)
+        .await
+        .map_err(db("opening the snapshot"))?;
+    if job.total.is_none() {
+        let total = spec.query.count(&mut reader).await?;
+        let sql = schema.sql("UPDATE {schema}.jobs SET total = $2 WHERE id = $1");
+        sqlx::query(sql).bind(id).bind(total).execute(pool).await.map_err(db("recording the total"))?;
+    }
+    let destination = spec.destination.destination();
+    let mut pacer = Pacer::new(spec.rate);
+    let mut checkpoint = job.checkpoint.clone();
+    loop {
+        let rows = spec.query.chunk(&mut reader, checkpoint.as_deref(), spec.chunk_size).await?;
+        let Some(last) = rows.last().map(|r| r.id.clone()) else {
+            return finish(pool, schema, id).await;
+        };
+        let count = rows.len();
+        pacer.wait(count).await;
+        let messages = rows.into_iter().map(|row| row.message(&spec.entity_type, id)).collect();
+        transport.publish_batch(&destination, messages).await?;
+        if !save_checkpoint(pool, schema, id, &last, count).await? {
+            info!(job = %id, "job paused or cancelled; stopping after the chunk in flight");
+            return get(pool, schema, id).await;
+        }
+        checkpoint = Some(last);
+    }
+}
+
+async fn load_spec(pool: &PgPool, schema: &Schema, id: Uuid) -> Result<JobSpec> {
+    let sql = schema.sql("SELECT spec FROM {schema}.jobs WHERE id = $1");
+    let spec: serde_json::Value =
+        sqlx::query_scalar(sql).bind(id).fetch_one(pool).await.map_err(db("reading the job spec"))?;
+    serde_json::from_value(spec).map_err(|e| JobError::Source {
+        table: String::new(),
+        problem: format!("job {id} was recorded by another version of resync: {e}"),
+    })
+}
+
+/// Records a confirmed chunk; `false` if the job is no longer running (paused, cancelled).
+async fn save_checkpoint(pool: &PgPool, schema: &Schema, id: Uuid, last: &str, count: usize) -> Result<bool> {
+    let sql = schema.sql(
+        "UPDATE {schema}.jobs SET checkpoint = $2, emitted = emitted + $3, updated_at = clock_timestamp() \
+         WHERE id = $1 RETURNING status",
+    );
+    let status: String = sqlx::query_scalar(sql)
+        .bind(id)
+        .bind(last)
+        .bind(count as i64)
+        .fetch_one(pool)
+        .await
+        .map_err(db("saving the checkpoint"))?;
+    Ok(status == "running")
+}
+
+async fn finish(pool: &PgPool, schema: &Schema, id: Uuid) -> Result<Job> {
+    let sql = schema.sql(
+        "UPDATE {schema}.jobs SET status = 'published', finished_at = clock_timestamp(), \
+         updated_at = clock_timestamp() WHERE id = $1 AND status = 'running'",
+    );
+    sqlx::query(sql).bind(id).execute(pool).await.map_err(db("finishing the job"))?;
+    let job = get(pool, schema, id).await?;
+    info!(job = %id, emitted = job.emitted, "every row published");
+    Ok(job)
+}
+
+/// Paces chunks to at most `rate` rows per second (a token bucket refilled continuously, one
+/// chunk of burst).
+struct Pacer {
+    rate: Option<f64>,
+    next: Instant,
+}
+
+impl Pacer {
+    fn new(rate: Option<f64>) -> Self {
+        Self { rate: rate.filter(|r| *r > 0.0), next: Instant::now() }
+    }
+
+    async fn wait(&mut self, rows: usize) {
+        let Some(rate) = self.rate else { return };
+        tokio::time::sleep_until(self.next).await;
+        let now = Instant::now();
+        if self.next + Duration::from_secs(1) < now {
+            warn!("publishing is slower than the job's rate");
+        }
+        self.next = self.next.max(now) + Duration::from_secs_f64(rows as f64 / rate);
+    }
+}
+
+/// One source row, ready to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceRow {
+    pub id: String,
+    pub version: i64,
+    pub deleted: bool,
+    pub data: serde_json::Value,
+}
+
+impl SourceRow {
+    fn message(self, entity_type: &str, job: Uuid) -> OutgoingMessage {
+        let verb = if self.deleted { "deleted" } else { "updated" };
+        let mut event = Envelope::new(&format!("{entity_type}.{verb}"), self.id, self.version, self.data);
+        event.stream = Stream::Resync;
+        event.job_id = Some(job);
+        event.deleted = self.deleted;
+        OutgoingMessage::from_envelope(&event)
+    }
+}
