@@ -312,14 +312,19 @@ impl Plan {
     }
 }
 
-/// A step of `apply` or `prune` the broker refused.
+/// Why `apply` or `prune` stopped.
 #[derive(Debug, thiserror::Error)]
-#[error("stopped at `{change}`{}", hint(.change, .transport))]
-pub struct ApplyError {
-    pub change: Change,
-    pub transport: &'static str,
-    #[source]
-    pub source: TransportError,
+pub enum ApplyError {
+    #[error("reading what the broker holds")]
+    Inventory(#[source] TransportError),
+    /// A step the broker refused; the steps before it were done.
+    #[error("stopped at `{change}`{}", hint(.change, .transport))]
+    Step {
+        change: Change,
+        transport: &'static str,
+        #[source]
+        source: TransportError,
+    },
 }
 
 fn hint(change: &Change, transport: &str) -> &'static str {
@@ -342,36 +347,29 @@ pub async fn plan(transport: &dyn Transport, desired: &Topology) -> Result<Plan,
 /// changed: nothing when it already matched. Every step is a declare, a bind or an unbind, so
 /// `apply` is safe to run concurrently and to run again after a crash half-way.
 pub async fn apply(transport: &dyn Transport, desired: &Topology) -> Result<Vec<Change>, ApplyError> {
-    let plan = plan(transport, desired).await.map_err(|source| ApplyError {
-        change: Change::CreateTopic { topic: desired.prefix.clone() },
-        transport: transport.kind(),
-        source,
-    })?;
-    for change in &plan.changes {
-        execute(transport, desired, change).await.map_err(|source| ApplyError {
-            change: change.clone(),
-            transport: transport.kind(),
-            source,
-        })?;
-    }
-    Ok(plan.changes)
+    let plan = plan(transport, desired).await.map_err(ApplyError::Inventory)?;
+    execute_all(transport, desired, plan.changes).await
 }
 
 /// Deletes what carries this namespace's mark and no config declares, and returns it.
 pub async fn prune(transport: &dyn Transport, desired: &Topology) -> Result<Vec<Change>, ApplyError> {
-    let plan = plan(transport, desired).await.map_err(|source| ApplyError {
-        change: Change::CreateTopic { topic: desired.prefix.clone() },
-        transport: transport.kind(),
-        source,
-    })?;
-    for change in &plan.prune {
-        execute(transport, desired, change).await.map_err(|source| ApplyError {
+    let plan = plan(transport, desired).await.map_err(ApplyError::Inventory)?;
+    execute_all(transport, desired, plan.prune).await
+}
+
+async fn execute_all(
+    transport: &dyn Transport,
+    desired: &Topology,
+    changes: Vec<Change>,
+) -> Result<Vec<Change>, ApplyError> {
+    for change in &changes {
+        execute(transport, desired, change).await.map_err(|source| ApplyError::Step {
             change: change.clone(),
             transport: transport.kind(),
             source,
         })?;
     }
-    Ok(plan.prune)
+    Ok(changes)
 }
 
 async fn execute(

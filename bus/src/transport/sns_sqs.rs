@@ -202,27 +202,13 @@ impl SnsSqsTransport {
         if let Some(arn) = cached(&self.topic_arns, topic) {
             return Ok(arn);
         }
-        let suffix = format!(":{topic}");
-        let mut token = None;
-        loop {
-            let out = self
-                .sns
-                .list_topics()
-                .set_next_token(token)
-                .send()
-                .await
-                .map_err(|e| op_error("ListTopics", topic, &e))?;
-            if let Some(arn) =
-                out.topics().iter().filter_map(|t| t.topic_arn()).find(|arn| arn.ends_with(&suffix))
-            {
-                remember(&self.topic_arns, topic, arn);
-                return Ok(arn.to_string());
-            }
-            match out.next_token() {
-                Some(next) => token = Some(next.to_string()),
-                None => return Err(TransportError::NotFound(topic.to_string())),
-            }
-        }
+        let topics = self.topics_with_prefix(topic).await?;
+        let (_, arn) = topics
+            .into_iter()
+            .find(|(name, _)| name == topic)
+            .ok_or_else(|| TransportError::NotFound(topic.to_string()))?;
+        remember(&self.topic_arns, topic, &arn);
+        Ok(arn)
     }
 
     /// The SQS subscriptions of a topic: (subscription ARN, queue ARN).
