@@ -59,6 +59,10 @@ pub(crate) struct StartArgs {
     /// Send only to this service (straight to its resync queue) instead of every subscriber.
     #[arg(long)]
     target_service: Option<String>,
+    /// Only the entities whose events the target service's sink dead-lettered (refused by the
+    /// third party, or failed too often): resend them once it is fixed. Needs --target-service.
+    #[arg(long, requires = "target_service")]
+    only_rejected: bool,
     /// Rows read and published per checkpoint.
     #[arg(long, default_value_t = 1000)]
     chunk_size: i64,
@@ -81,12 +85,21 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
                     format!("no service in {} maps a source for `{}`", args.config_dir.display(), args.entity)
                 })?;
             let namespace = common.namespace.as_deref();
+            let target = args
+                .target_service
+                .as_deref()
+                .map(|name| {
+                    catalog.service(name).with_context(|| {
+                        format!("--target-service: no service `{name}` in {}", args.config_dir.display())
+                    })
+                })
+                .transpose()?;
             let options = JobOptions {
                 filter: args.filter,
                 rate: args.rate,
-                target_queue: args
-                    .target_service
-                    .map(|service| resync_bus::naming::queue_name(namespace, &service, Stream::Resync)),
+                target_queue: target
+                    .map(|service| resync_bus::naming::queue_name(namespace, &service.name, Stream::Resync)),
+                only_rejected_by: target.filter(|_| args.only_rejected).map(|service| service.sink_name()),
                 chunk_size: args.chunk_size,
             };
             let id = resync_snapshotter::create(&pool, schema, namespace, source, &options).await?;

@@ -144,6 +144,12 @@ pub struct ServiceConfig {
 }
 
 impl ServiceConfig {
+    /// The name applied versions and dead-lettered entities are recorded under: the sink's
+    /// `name`, or the service's.
+    pub fn sink_name(&self) -> String {
+        self.sink.as_ref().and_then(|s| s.name.clone()).unwrap_or_else(|| self.name.clone())
+    }
+
     /// The (stream, queue) pairs this service consumes, one queue per stream.
     pub fn queues(&self, namespace: Option<&str>) -> Vec<(Stream, QueueSpec)> {
         let mut queues: BTreeMap<&'static str, (Stream, QueueSpec)> = BTreeMap::new();

@@ -12,7 +12,7 @@
 //!
 //! Still to come (see the issue): completion counted from the consumers' applied events,
 //! `pause-live` mode, `--skip-unchanged`, `verify`, parallel readers sharing one exported
-//! snapshot, `--only-rejected`.
+//! snapshot.
 
 mod query;
 
@@ -94,12 +94,14 @@ pub struct JobOptions {
     pub rate: Option<f64>,
     /// Send straight to this service's resync queue instead of the topic (one subscriber).
     pub target_queue: Option<String>,
+    /// Only the entities this sink had an event of dead-lettered (the consumer records them).
+    pub only_rejected_by: Option<String>,
     pub chunk_size: i64,
 }
 
 impl Default for JobOptions {
     fn default() -> Self {
-        Self { filter: None, rate: None, target_queue: None, chunk_size: 1000 }
+        Self { filter: None, rate: None, target_queue: None, only_rejected_by: None, chunk_size: 1000 }
     }
 }
 
@@ -143,7 +145,8 @@ pub async fn create(
     source: &SourceSpec,
     options: &JobOptions,
 ) -> Result<Uuid> {
-    let query = SourceQuery::build(pool, source, options.filter.as_deref()).await?;
+    let rejected = options.only_rejected_by.as_deref().map(|sink| query::Rejected { schema, sink });
+    let query = SourceQuery::build(pool, source, options.filter.as_deref(), rejected).await?;
     let destination = match &options.target_queue {
         Some(queue) => JobDestination::Queue(queue.clone()),
         None => {

@@ -19,6 +19,17 @@ pub struct SourceQuery {
     pub count: String,
 }
 
+/// Limits a job to the entities a sink had dead-lettered (table `dead_lettered_entities`).
+pub(crate) struct Rejected<'a> {
+    pub(crate) schema: &'a resync_migrations::Schema,
+    pub(crate) sink: &'a str,
+}
+
+/// An SQL string literal (standard_conforming_strings: only `'` needs doubling).
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
 fn quote(identifier: &str) -> String {
     format!("\"{}\"", identifier.replace('"', "\"\""))
 }
@@ -30,7 +41,12 @@ fn quoted_table(table: &str) -> String {
 
 impl SourceQuery {
     /// Checks the table and columns exist and builds the statements.
-    pub async fn build(pool: &PgPool, source: &SourceSpec, extra_filter: Option<&str>) -> Result<Self> {
+    pub(crate) async fn build(
+        pool: &PgPool,
+        source: &SourceSpec,
+        extra_filter: Option<&str>,
+        rejected: Option<Rejected<'_>>,
+    ) -> Result<Self> {
         let table = quoted_table(&source.table);
         let problem = |problem: String| JobError::Source { table: source.table.clone(), problem };
         let columns = columns_of(pool, &table).await?.ok_or_else(|| problem("no such table".into()))?;
@@ -70,13 +86,21 @@ impl SourceQuery {
                 return Err(problem(format!("filter `{filter}`: one boolean expression, without `;`")));
             }
         }
-        let filter = [source.filter.as_deref(), extra_filter]
+        let id = quote(&source.id_column);
+        let mut filter = [source.filter.as_deref(), extra_filter]
             .into_iter()
             .flatten()
             .map(|f| format!("({f})"))
             .collect::<Vec<_>>();
+        if let Some(rejected) = rejected {
+            filter.push(format!(
+                "{id}::text IN (SELECT entity_id FROM {}.dead_lettered_entities WHERE sink = {} AND entity_type = {})",
+                quote(rejected.schema.name()),
+                literal(rejected.sink),
+                literal(&source.entity)
+            ));
+        }
         let filter = if filter.is_empty() { "true".to_string() } else { filter.join(" AND ") };
-        let id = quote(&source.id_column);
         let select = format!(
             "SELECT {id}::text AS id, {}::bigint AS version, {deleted} AS deleted, {data} AS data FROM {table}",
             quote(&source.version_column)
@@ -177,5 +201,6 @@ mod tests {
     fn identifiers_are_quoted_and_schema_qualified_tables_split() {
         assert_eq!(quoted_table("app.listings"), "\"app\".\"listings\"");
         assert_eq!(quote("we\"ird"), "\"we\"\"ird\"");
+        assert_eq!(literal("o'brien"), "'o''brien'");
     }
 }

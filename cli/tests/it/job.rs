@@ -30,60 +30,120 @@ fn resync(config_dir: &std::path::Path, schema: &Schema, namespace: &str) -> Com
     command
 }
 
+/// A source table of `rows`, a `listings` service mapping it, a `sync` service subscribed on
+/// the resync stream, their topology on RabbitMQ, and resync's schema.
+struct Setup {
+    namespace: String,
+    schema: Schema,
+    pool: sqlx::PgPool,
+    config_dir: std::path::PathBuf,
+    transport: std::sync::Arc<dyn resync_bus::Transport>,
+    topology: Topology,
+    rows: BTreeMap<String, Expected>,
+}
+
+impl Setup {
+    async fn new(count: usize) -> Self {
+        let namespace = unique_name("job");
+        let schema = Schema::new(namespace.replace('-', "_")).expect("schema");
+        if let Err(err) = resync_migrations::migrate(&Service::Postgres.url(), &schema).await {
+            service_unreachable(Service::Postgres, err);
+        }
+        let pool = sqlx::PgPool::connect(&Service::Postgres.url()).await.expect("postgres");
+        let rows: BTreeMap<String, Expected> = (0..count)
+            .map(|i| {
+                let state = Expected {
+                    version: 1 + (i % 7) as i64,
+                    deleted: i % 13 == 0,
+                    data: serde_json::json!({"n": i}),
+                };
+                (format!("L{i:05}"), state)
+            })
+            .collect();
+        let table = SourceTable::create(&pool, &schema).await.expect("source table");
+        table.insert_all(&pool, &rows).await.expect("rows");
+        let config_dir = std::env::temp_dir().join(&namespace);
+        std::fs::create_dir_all(&config_dir).expect("config dir");
+        let listings = format!(
+            "name = \"listings\"\npublishes = [\"listing.updated\", \"listing.deleted\"]\n[[sources]]\n\
+             entity = \"listing\"\ntable = \"{}.listings\"\ndata_column = \"data\"\ndeleted_column = \"deleted\"\n",
+            schema.name()
+        );
+        std::fs::write(config_dir.join("listings.toml"), listings).expect("config");
+        std::fs::write(
+            config_dir.join("sync.toml"),
+            "name = \"sync\"\n[[subscriptions]]\ntypes = [\"listing.*\"]\nstreams = [\"resync\"]\n",
+        )
+        .expect("config");
+        let transport = match TransportConfig::named("rabbitmq").expect("transport").connect().await {
+            Ok(transport) => transport,
+            Err(err) => service_unreachable(Service::RabbitMq, err),
+        };
+        let topology =
+            Topology::desired(&fare_config::load_dir(&config_dir).expect("config"), Some(&namespace));
+        fare_config::apply(transport.as_ref(), &topology).await.expect("fare apply");
+        Self { namespace, schema, pool, config_dir, transport, topology, rows }
+    }
+
+    fn resync(&self) -> Command {
+        resync(&self.config_dir, &self.schema, &self.namespace)
+    }
+
+    /// Receives resync events from the sync service's queue until `expected` distinct entities
+    /// arrived; checks each against its row and the job; returns the ids and the event count.
+    async fn receive(&self, job: uuid::Uuid, expected: usize) -> (BTreeSet<String>, usize) {
+        let queue = resync_bus::naming::queue_name(Some(&self.namespace), "sync", Stream::Resync);
+        let options = resync_bus::SubscribeOptions { prefetch: 500 };
+        let mut subscription = self.transport.subscribe(&queue, options).await.expect("subscribe");
+        let (mut seen, mut received) = (BTreeSet::new(), 0);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while seen.len() < expected {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of {expected} entities arrived",
+                seen.len()
+            );
+            for delivery in subscription.next_batch(500, Duration::from_millis(500)).await.expect("receive") {
+                let event = delivery.envelope(&Default::default()).expect("a valid envelope");
+                assert_eq!((event.stream, event.job_id), (Stream::Resync, Some(job)));
+                let row = &self.rows[&event.entity_id];
+                assert_eq!((event.version, event.deleted), (row.version, row.deleted));
+                let verb = if row.deleted { "listing.deleted" } else { "listing.updated" };
+                assert_eq!(event.event_type, verb);
+                seen.insert(event.entity_id);
+                received += 1;
+                delivery.ack().await.expect("ack");
+            }
+        }
+        // Anything beyond the expected entities would arrive within a short wait.
+        let extra = subscription.next_batch(500, Duration::from_millis(500)).await.expect("receive");
+        for delivery in extra {
+            let event = delivery.envelope(&Default::default()).expect("a valid envelope");
+            seen.insert(event.entity_id);
+            received += 1;
+            delivery.ack().await.expect("ack");
+        }
+        let _ = subscription.close().await;
+        (seen, received)
+    }
+
+    async fn cleanup(self) {
+        let _ = fare_config::delete(self.transport.as_ref(), &self.topology).await;
+        let _ = sqlx::query(self.schema.sql("DROP SCHEMA {schema} CASCADE")).execute(&self.pool).await;
+        let _ = std::fs::remove_dir_all(&self.config_dir);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_killed_at_30_percent_resumes_from_its_checkpoint_and_misses_no_entity() {
-    let namespace = unique_name("job");
-    let schema = Schema::new(namespace.replace('-', "_")).expect("schema");
-    if let Err(err) = resync_migrations::migrate(&Service::Postgres.url(), &schema).await {
-        service_unreachable(Service::Postgres, err);
-    }
-    let pool = sqlx::PgPool::connect(&Service::Postgres.url()).await.expect("postgres");
-    let rows: BTreeMap<String, Expected> = (0..ROWS)
-        .map(|i| {
-            let state = Expected {
-                version: 1 + (i % 7) as i64,
-                deleted: i % 13 == 0,
-                data: serde_json::json!({"n": i}),
-            };
-            (format!("L{i:05}"), state)
-        })
-        .collect();
-    SourceTable::create(&pool, &schema)
-        .await
-        .expect("source table")
-        .insert_all(&pool, &rows)
-        .await
-        .expect("rows");
-
-    let config_dir = std::env::temp_dir().join(&namespace);
-    std::fs::create_dir_all(&config_dir).expect("config dir");
-    let listings = format!(
-        "name = \"listings\"\npublishes = [\"listing.updated\", \"listing.deleted\"]\n[[sources]]\n\
-         entity = \"listing\"\ntable = \"{}.listings\"\ndata_column = \"data\"\ndeleted_column = \"deleted\"\n",
-        schema.name()
-    );
-    std::fs::write(config_dir.join("listings.toml"), listings).expect("config");
-    std::fs::write(
-        config_dir.join("sync.toml"),
-        "name = \"sync\"\n[[subscriptions]]\ntypes = [\"listing.*\"]\nstreams = [\"resync\"]\n",
-    )
-    .expect("config");
-    let transport = match TransportConfig::named("rabbitmq").expect("transport").connect().await {
-        Ok(transport) => transport,
-        Err(err) => service_unreachable(Service::RabbitMq, err),
-    };
-    let topology = Topology::desired(&fare_config::load_dir(&config_dir).expect("config"), Some(&namespace));
-    fare_config::apply(transport.as_ref(), &topology).await.expect("fare apply");
-
+    let setup = Setup::new(ROWS).await;
     let start = ["job", "start", "--entity", "listing", "--rate", "2500", "--chunk-size", &CHUNK.to_string()];
-    let mut first = Process(
-        resync(&config_dir, &schema, &namespace).args(start).stdout(Stdio::null()).spawn().expect("start"),
-    );
-    let progress = schema.sql("SELECT id, emitted, total FROM {schema}.jobs");
+    let mut first = Process(setup.resync().args(start).stdout(Stdio::null()).spawn().expect("start"));
+    let progress = setup.schema.sql("SELECT id, emitted, total FROM {schema}.jobs");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let job: uuid::Uuid = loop {
         let row: Option<(uuid::Uuid, i64, Option<i64>)> =
-            sqlx::query_as(progress.clone()).fetch_optional(&pool).await.expect("job progress");
+            sqlx::query_as(progress.clone()).fetch_optional(&setup.pool).await.expect("job progress");
         if let Some((id, emitted, Some(total))) = row
             && emitted * 10 >= total * 3
         {
@@ -95,50 +155,58 @@ async fn a_job_killed_at_30_percent_resumes_from_its_checkpoint_and_misses_no_en
     };
     first.0.kill().expect("SIGKILL the job");
     let _ = first.0.wait();
-    let (emitted_at_kill,): (i64,) = sqlx::query_as(schema.sql("SELECT emitted FROM {schema}.jobs"))
-        .fetch_one(&pool)
+    let (emitted_at_kill,): (i64,) = sqlx::query_as(setup.schema.sql("SELECT emitted FROM {schema}.jobs"))
+        .fetch_one(&setup.pool)
         .await
         .expect("progress");
     assert!(emitted_at_kill < ROWS as i64, "killed before the end ({emitted_at_kill} published)");
 
-    let resumed = resync(&config_dir, &schema, &namespace)
-        .args(["job", "resume", &job.to_string()])
-        .output()
-        .expect("resume");
+    let resumed = setup.resync().args(["job", "resume", &job.to_string()]).output().expect("resume");
     assert!(resumed.status.success(), "resume failed: {}", String::from_utf8_lossy(&resumed.stderr));
-    let status = resync(&config_dir, &schema, &namespace)
-        .args(["job", "status", &job.to_string(), "--json"])
-        .output()
-        .expect("status");
+    let status = setup.resync().args(["job", "status", &job.to_string(), "--json"]).output().expect("status");
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
     assert_eq!(status["status"], "published", "{status}");
     assert_eq!(status["total"], ROWS);
 
-    let queue = resync_bus::naming::queue_name(Some(&namespace), "sync", Stream::Resync);
-    let mut subscription =
-        transport.subscribe(&queue, resync_bus::SubscribeOptions { prefetch: 500 }).await.expect("subscribe");
-    let mut seen = BTreeSet::new();
-    let mut received = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while seen.len() < ROWS {
-        assert!(tokio::time::Instant::now() < deadline, "only {} of {ROWS} entities arrived", seen.len());
-        for delivery in subscription.next_batch(500, Duration::from_millis(500)).await.expect("receive") {
-            let event = delivery.envelope(&Default::default()).expect("a valid envelope");
-            assert_eq!((event.stream, event.job_id), (Stream::Resync, Some(job)));
-            let expected = &rows[&event.entity_id];
-            assert_eq!((event.version, event.deleted), (expected.version, expected.deleted));
-            let verb = if expected.deleted { "listing.deleted" } else { "listing.updated" };
-            assert_eq!(event.event_type, verb);
-            seen.insert(event.entity_id);
-            received += 1;
-            delivery.ack().await.expect("ack");
-        }
-    }
+    let (seen, received) = setup.receive(job, ROWS).await;
+    assert_eq!(seen.len(), ROWS, "every entity, once the job resumed");
     // The chunk in flight at the kill may be sent twice; nothing more.
     assert!(received - ROWS <= CHUNK as usize, "{received} events for {ROWS} rows");
+    setup.cleanup().await;
+}
 
-    let _ = subscription.close().await;
-    let _ = fare_config::delete(transport.as_ref(), &topology).await;
-    let _ = sqlx::query(schema.sql("DROP SCHEMA {schema} CASCADE")).execute(&pool).await;
-    let _ = std::fs::remove_dir_all(&config_dir);
+/// After a sink refused some entities (recorded by the consumer), `--only-rejected` resends
+/// exactly those, to that service only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_rejected_resends_exactly_the_entities_the_sink_dead_lettered() {
+    let setup = Setup::new(300).await;
+    let rejected = ["L00007", "L00026", "L00150", "L00299"];
+    for id in rejected {
+        sqlx::query(setup.schema.sql(
+            "INSERT INTO {schema}.dead_lettered_entities (sink, entity_type, entity_id, version, reason) \
+             VALUES ('sync', 'listing', $1, 1, 'sink-rejected-422')",
+        ))
+        .bind(id)
+        .execute(&setup.pool)
+        .await
+        .expect("record a rejection");
+    }
+    let other_sink = "INSERT INTO {schema}.dead_lettered_entities (sink, entity_type, entity_id, version, reason) \
+                      VALUES ('elsewhere', 'listing', 'L00001', 1, 'sink-rejected-400')";
+    sqlx::query(setup.schema.sql(other_sink)).execute(&setup.pool).await.expect("another sink's rejection");
+
+    let args = ["job", "start", "--entity", "listing", "--target-service", "sync", "--only-rejected"];
+    let started = setup.resync().args(args).output().expect("job start");
+    assert!(started.status.success(), "{}", String::from_utf8_lossy(&started.stderr));
+    let stdout = String::from_utf8_lossy(&started.stdout);
+    let job: uuid::Uuid = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("job "))
+        .and_then(|id| id.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no job id in {stdout}"));
+
+    let (seen, received) = setup.receive(job, rejected.len()).await;
+    assert_eq!(seen, rejected.iter().map(|s| s.to_string()).collect(), "exactly the rejected entities");
+    assert_eq!(received, rejected.len());
+    setup.cleanup().await;
 }
