@@ -33,6 +33,20 @@ pub(crate) enum JobCommand {
         #[arg(long)]
         watch: bool,
     },
+    /// Compare the job's source rows, as they are now, with the versions each sink applied,
+    /// and list the entities that differ. Exits with status 1 if any does.
+    Verify {
+        id: Uuid,
+        /// The sinks to check (default: every service with a sink that subscribes to the
+        /// job's entity type).
+        #[arg(long)]
+        sink: Vec<String>,
+        /// The directory of service config files (the same one `fare` reads).
+        #[arg(long, env = "RESYNC_CONFIG_DIR", default_value = "services")]
+        config_dir: std::path::PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// The newest jobs.
     List {
         #[arg(long, default_value_t = 20)]
@@ -138,6 +152,38 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
                 break;
             }
         },
+        JobCommand::Verify { id, sink, config_dir, json } => {
+            let job = resync_snapshotter::get(&pool, schema, id).await?;
+            let sinks = if sink.is_empty() { sinks_of(&config_dir, &job.entity_type)? } else { sink };
+            anyhow::ensure!(
+                !sinks.is_empty(),
+                "no service with a sink subscribes to `{}`; name one with --sink",
+                job.entity_type
+            );
+            let mut reports = Vec::new();
+            for sink in &sinks {
+                reports.push(resync_snapshotter::verify(&pool, schema, id, sink).await?);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else {
+                for report in &reports {
+                    println!(
+                        "{}: {} entities checked, {} drifting",
+                        report.sink, report.checked, report.drift_count
+                    );
+                    for drift in &report.drift {
+                        let applied = drift
+                            .applied_version
+                            .map_or("never applied".to_string(), |v| format!("v{v} applied"));
+                        println!("  {} v{} in the source, {applied}", drift.entity_id, drift.source_version);
+                    }
+                }
+            }
+            if reports.iter().any(|r| r.drift_count > 0) {
+                std::process::exit(1);
+            }
+        }
         JobCommand::List { limit, json } => {
             let jobs = resync_snapshotter::list(&pool, schema, limit).await?;
             if json {
@@ -178,4 +224,17 @@ fn line(job: &Job) -> String {
         job.rate(),
         eta.unwrap_or_default()
     )
+}
+
+/// The sinks of the services subscribing to some type of `entity_type`.
+fn sinks_of(config_dir: &std::path::Path, entity_type: &str) -> Result<Vec<String>> {
+    let catalog = fare_config::load_dir(config_dir)?;
+    let prefix = format!("{entity_type}.");
+    Ok(catalog
+        .services
+        .iter()
+        .filter(|s| s.sink.is_some())
+        .filter(|s| s.subscriptions.iter().any(|sub| sub.types.iter().any(|t| t.starts_with(&prefix))))
+        .map(|s| s.sink_name())
+        .collect())
 }

@@ -210,3 +210,57 @@ async fn only_rejected_resends_exactly_the_entities_the_sink_dead_lettered() {
     assert_eq!(received, rejected.len());
     setup.cleanup().await;
 }
+
+/// `job verify` compares the source with what a sink applied: an entity never applied and one
+/// applied at an older version are listed, nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_lists_exactly_the_entities_a_sink_has_not_applied_at_their_source_version() {
+    let setup = Setup::new(500).await;
+    let started =
+        setup.resync().args(["job", "start", "--entity", "listing", "--detach"]).output().expect("start");
+    assert!(started.status.success(), "{}", String::from_utf8_lossy(&started.stderr));
+    let stdout = String::from_utf8_lossy(&started.stdout);
+    let job = stdout.lines().find_map(|l| l.strip_prefix("job ")).expect("job id").trim().to_string();
+    let (missing, behind) = ("L00042", "L00321");
+    for (id, row) in &setup.rows {
+        if id == missing {
+            continue;
+        }
+        let version = if id == behind { row.version - 1 } else { row.version };
+        sqlx::query(setup.schema.sql(
+            "INSERT INTO {schema}.applied_versions \
+             (sink, entity_type, entity_id, version, content_hash, deleted, data, event_id) \
+             VALUES ('sync', 'listing', $1, $2, '\\x00', $3, '{}', gen_random_uuid())",
+        ))
+        .bind(id)
+        .bind(version.max(0))
+        .bind(row.deleted)
+        .execute(&setup.pool)
+        .await
+        .expect("applied version");
+    }
+
+    let verified =
+        setup.resync().args(["job", "verify", &job, "--sink", "sync", "--json"]).output().expect("verify");
+    assert_eq!(
+        verified.status.code(),
+        Some(1),
+        "drift makes verify fail: {}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    let reports: serde_json::Value = serde_json::from_slice(&verified.stdout).expect("json");
+    let report = &reports[0];
+    assert_eq!(
+        (report["checked"].as_u64(), report["drift_count"].as_u64()),
+        (Some(500), Some(2)),
+        "{report}"
+    );
+    let listed: Vec<(&str, Option<i64>)> = report["drift"]
+        .as_array()
+        .expect("drift")
+        .iter()
+        .map(|d| (d["entity_id"].as_str().expect("id"), d["applied_version"].as_i64()))
+        .collect();
+    assert_eq!(listed, [(missing, None), (behind, Some(setup.rows[behind].version - 1))]);
+    setup.cleanup().await;
+}
