@@ -115,6 +115,11 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
                     .map(|service| resync_bus::naming::queue_name(namespace, &service.name, Stream::Resync)),
                 only_rejected_by: target.filter(|_| args.only_rejected).map(|service| service.sink_name()),
                 chunk_size: args.chunk_size,
+                sinks: match target {
+                    Some(service) if service.sink.is_some() => vec![service.sink_name()],
+                    Some(_) => Vec::new(),
+                    None => sinks_in(&catalog, &args.entity),
+                },
             };
             let id = resync_snapshotter::create(&pool, schema, namespace, source, &options).await?;
             println!("job {id}");
@@ -123,6 +128,14 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
             }
         }
         JobCommand::Resume { id } => {
+            let job = resync_snapshotter::get(&pool, schema, id).await?;
+            if job.status == "published" {
+                // Interrupted while waiting for the sinks: wait again.
+                let job = resync_snapshotter::await_completion(&pool, schema, id, Duration::from_millis(500))
+                    .await?;
+                println!("{}", line(&job));
+                return Ok(());
+            }
             resync_snapshotter::transition(&pool, schema, id, &["paused", "running"], "running").await?;
             run_job(common, schema, &pool, id).await?;
         }
@@ -198,11 +211,17 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
     Ok(())
 }
 
+/// Publishes the job, then waits until its sinks applied every row.
 async fn run_job(common: &Common, schema: &Schema, pool: &sqlx::PgPool, id: Uuid) -> Result<()> {
     let transport = TransportConfig::named(&common.transport)?.connect().await?;
     let job = resync_snapshotter::run(pool, schema, transport.as_ref(), id).await;
     transport.close().await?;
-    println!("{}", line(&job?));
+    let job = job?;
+    println!("{}", line(&job));
+    if job.status == "published" {
+        let job = resync_snapshotter::await_completion(pool, schema, id, Duration::from_millis(500)).await?;
+        println!("{}", line(&job));
+    }
     Ok(())
 }
 
@@ -215,26 +234,34 @@ fn line(job: &Job) -> String {
     let eta =
         job.eta().map(|d| format!("  ETA {}", humantime::format_duration(Duration::from_secs(d.as_secs()))));
     format!(
-        "{} {} {:<9} [{bar}] {}/{}  {:.0}/s{}",
+        "{} {} {:<9} [{bar}] {}/{} published, {} applied  {:.0}/s{}",
         job.id,
         job.entity_type,
         job.status,
         job.emitted,
         job.total.map_or("?".to_string(), |t| t.to_string()),
+        job.applied,
         job.rate(),
         eta.unwrap_or_default()
     )
 }
 
-/// The sinks of the services subscribing to some type of `entity_type`.
+/// The sinks of the services subscribing to some type of `entity_type` on the resync stream.
 fn sinks_of(config_dir: &std::path::Path, entity_type: &str) -> Result<Vec<String>> {
-    let catalog = fare_config::load_dir(config_dir)?;
+    Ok(sinks_in(&fare_config::load_dir(config_dir)?, entity_type))
+}
+
+fn sinks_in(catalog: &fare_config::Catalog, entity_type: &str) -> Vec<String> {
     let prefix = format!("{entity_type}.");
-    Ok(catalog
+    catalog
         .services
         .iter()
         .filter(|s| s.sink.is_some())
-        .filter(|s| s.subscriptions.iter().any(|sub| sub.types.iter().any(|t| t.starts_with(&prefix))))
+        .filter(|s| {
+            s.subscriptions.iter().any(|sub| {
+                sub.streams.contains(&Stream::Resync) && sub.types.iter().any(|t| t.starts_with(&prefix))
+            })
+        })
         .map(|s| s.sink_name())
-        .collect())
+        .collect()
 }

@@ -12,8 +12,11 @@
 //!
 //! Also `verify`: the source's versions against what a sink applied.
 //!
-//! Still to come (see the issue): completion counted from the consumers' applied events,
-//! `pause-live` mode, `--skip-unchanged`, parallel readers sharing one exported snapshot.
+//! A published job completes once its sinks applied every row ([`await_completion`], read from
+//! the consumers' applied versions, so nothing extra is written per event).
+//!
+//! Still to come (see the issue): `pause-live` mode, `--skip-unchanged`, parallel readers
+//! sharing one exported snapshot.
 
 mod query;
 
@@ -68,6 +71,10 @@ pub struct JobSpec {
     /// Most rows published per second (`None`: as fast as the broker confirms).
     pub rate: Option<f64>,
     pub chunk_size: i64,
+    /// The sinks that must apply every row before the job is `completed`; none: it ends at
+    /// `published`.
+    #[serde(default)]
+    pub sinks: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,11 +105,20 @@ pub struct JobOptions {
     /// Only the entities this sink had an event of dead-lettered (the consumer records them).
     pub only_rejected_by: Option<String>,
     pub chunk_size: i64,
+    /// The sinks whose consumers must apply every row for the job to complete.
+    pub sinks: Vec<String>,
 }
 
 impl Default for JobOptions {
     fn default() -> Self {
-        Self { filter: None, rate: None, target_queue: None, only_rejected_by: None, chunk_size: 1000 }
+        Self {
+            filter: None,
+            rate: None,
+            target_queue: None,
+            only_rejected_by: None,
+            chunk_size: 1000,
+            sinks: Vec::new(),
+        }
     }
 }
 
@@ -115,6 +131,8 @@ pub struct Job {
     pub checkpoint: Option<String>,
     pub emitted: i64,
     pub total: Option<i64>,
+    /// Rows every sink has accounted for (see [`await_completion`]).
+    pub applied: i64,
     pub error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -160,6 +178,7 @@ pub async fn create(
         destination,
         rate: options.rate,
         chunk_size: options.chunk_size.max(1),
+        sinks: options.sinks.clone(),
     };
     let id = Uuid::now_v7();
     let spec_json = serde_json::to_value(&spec).map_err(|e| JobError::Source {
@@ -180,8 +199,7 @@ pub async fn create(
     Ok(id)
 }
 
-const JOB_COLUMNS: &str =
-    "id, entity_type, status, checkpoint, emitted, total, error, created_at, updated_at, finished_at";
+const JOB_COLUMNS: &str = "id, entity_type, status, checkpoint, emitted, total, applied, error, created_at, updated_at, finished_at";
 
 fn job_of(row: &sqlx::postgres::PgRow) -> std::result::Result<Job, sqlx::Error> {
     Ok(Job {
@@ -191,6 +209,7 @@ fn job_of(row: &sqlx::postgres::PgRow) -> std::result::Result<Job, sqlx::Error> 
         checkpoint: row.try_get("checkpoint")?,
         emitted: row.try_get("emitted")?,
         total: row.try_get("total")?,
+        applied: row.try_get("applied")?,
         error: row.try_get("error")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
@@ -306,6 +325,61 @@ async fn finish(pool: &PgPool, schema: &Schema, id: Uuid) -> Result<Job> {
     let job = get(pool, schema, id).await?;
     info!(job = %id, emitted = job.emitted, "every row published");
     Ok(job)
+}
+
+/// After a job is published, waits until its sinks have accounted for every row, then marks it
+/// `completed`. A row is accounted for at a sink when the sink's applied version of the entity
+/// is at least the row's (applied, skipped as unchanged, or superseded by a newer live event) or
+/// an event of that version or newer was dead-lettered. Rows are checked in id order as they
+/// are now, chunk by chunk; progress is kept in `jobs.applied`. Returns when completed, or
+/// when the job is paused or cancelled meanwhile.
+pub async fn await_completion(pool: &PgPool, schema: &Schema, id: Uuid, poll: Duration) -> Result<Job> {
+    let spec = load_spec(pool, schema, id).await?;
+    if spec.sinks.is_empty() {
+        return get(pool, schema, id).await;
+    }
+    let pending_sql = schema.sql(
+        "SELECT count(*) FROM unnest($2::text[], $3::bigint[]) AS r(entity_id, version)          CROSS JOIN unnest($4::text[]) AS s(sink)          WHERE NOT EXISTS (SELECT 1 FROM {schema}.applied_versions a WHERE a.sink = s.sink                 AND a.entity_type = $1 AND a.entity_id = r.entity_id AND a.version >= r.version)            AND NOT EXISTS (SELECT 1 FROM {schema}.dead_lettered_entities d WHERE d.sink = s.sink                 AND d.entity_type = $1 AND d.entity_id = r.entity_id AND d.version >= r.version)",
+    );
+    let mut checkpoint: Option<String> = None;
+    let mut accounted = 0_i64;
+    loop {
+        let job = get(pool, schema, id).await?;
+        if job.status != "published" {
+            return Ok(job);
+        }
+        // A fresh look at the source each round: live changes move versions forward.
+        let mut conn = pool.acquire().await.map_err(db("reading the source"))?;
+        let rows = spec.query.chunk(&mut conn, checkpoint.as_deref(), spec.chunk_size).await?;
+        drop(conn);
+        let Some(last) = rows.last().map(|r| r.id.clone()) else {
+            let sql = schema.sql(
+                "UPDATE {schema}.jobs SET status = 'completed', updated_at = clock_timestamp()                  WHERE id = $1 AND status = 'published'",
+            );
+            sqlx::query(sql).bind(id).execute(pool).await.map_err(db("completing the job"))?;
+            info!(job = %id, rows = accounted, "every row applied at every sink: job completed");
+            return get(pool, schema, id).await;
+        };
+        let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        let versions: Vec<i64> = rows.iter().map(|r| r.version).collect();
+        let pending: i64 = sqlx::query_scalar(pending_sql.clone())
+            .bind(&spec.entity_type)
+            .bind(&ids)
+            .bind(&versions)
+            .bind(&spec.sinks)
+            .fetch_one(pool)
+            .await
+            .map_err(db("checking what the sinks applied"))?;
+        if pending > 0 {
+            tokio::time::sleep(poll).await;
+            continue;
+        }
+        accounted += rows.len() as i64;
+        let sql =
+            schema.sql("UPDATE {schema}.jobs SET applied = $2, updated_at = clock_timestamp() WHERE id = $1");
+        sqlx::query(sql).bind(id).bind(accounted).execute(pool).await.map_err(db("recording progress"))?;
+        checkpoint = Some(last);
+    }
 }
 
 /// Paces chunks to at most `rate` rows per second (a token bucket refilled continuously, one

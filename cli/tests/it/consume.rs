@@ -43,8 +43,13 @@ impl World {
         let client = api.client().expect("apisim client");
         let config_dir = std::env::temp_dir().join(&namespace);
         std::fs::create_dir_all(&config_dir).expect("config dir");
-        std::fs::write(config_dir.join("listings.toml"), "name = \"listings\"\npublishes = [\"listing.created\", \"listing.updated\", \"listing.deleted\"]\n")
-            .expect("write config");
+        let listings = format!(
+            "name = \"listings\"\npublishes = [\"listing.created\", \"listing.updated\", \"listing.deleted\"]\n\
+             [[sources]]\nentity = \"listing\"\ntable = \"{}.listings\"\ndata_column = \"data\"\n\
+             deleted_column = \"deleted\"\n",
+            schema.name()
+        );
+        std::fs::write(config_dir.join("listings.toml"), listings).expect("write config");
         std::fs::write(
             config_dir.join("sync.toml"),
             format!(
@@ -101,6 +106,12 @@ impl World {
             let messages = chunk.iter().map(OutgoingMessage::from_envelope).collect();
             self.transport.publish_batch(&topic, messages).await.expect("publish");
         }
+    }
+
+    /// Writes the truth to the source table only: the third party learns it from a resync.
+    async fn seed(&mut self, truth: BTreeMap<String, Expected>) {
+        self.source.insert_all(&self.pool, &truth).await.expect("source rows");
+        self.truth = truth;
     }
 
     fn consumer(&self, lock_lease: &str) -> Process {
@@ -527,4 +538,47 @@ async fn rabbitmq_dead_letters_are_redriven_after_the_sink_is_fixed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sns_sqs_dead_letters_are_redriven_after_the_sink_is_fixed() {
     dead_letters_are_redriven_after_the_sink_is_fixed("sns-sqs", 40).await;
+}
+
+/// A resync job over a table the third party has never seen: consumers apply the resync
+/// stream with faults on, the job moves from `published` to `completed` once every row is
+/// applied at the sink, and the third party then equals the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_job_completes_once_its_sink_applied_every_row() {
+    let mut world = World::new("rabbitmq", faulty_api(31)).await;
+    let (_, truth) = shuffled_history(2_000, 3, 0.0, 31);
+    world.seed(truth).await;
+    let _consumers: Vec<Process> = (0..2).map(|_| world.consumer("15s")).collect();
+
+    let mut job = Process(
+        world
+            .resync()
+            .args(["job", "start", "--entity", "listing", "--rate", "2000"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("job start"),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(status) = job.0.try_wait().expect("job process") {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the job did not complete\n{}",
+            world.consumer_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(status.success(), "resync job start failed");
+    let jobs: Vec<(String, i64, Option<i64>, i64)> =
+        sqlx::query_as(world.schema.sql("SELECT status, emitted, total, applied FROM {schema}.jobs"))
+            .fetch_all(&world.pool)
+            .await
+            .expect("jobs");
+    assert_eq!(jobs, [("completed".to_string(), 2_000, Some(2_000), 2_000)]);
+
+    world.wait_until_equal(Duration::from_secs(60)).await;
+    assert_no_stale_overwrite(&world).await;
+    world.cleanup().await;
 }
