@@ -80,6 +80,11 @@ pub(crate) struct StartArgs {
     /// Rows read and published per checkpoint.
     #[arg(long, default_value_t = 1000)]
     chunk_size: i64,
+    /// `concurrent` (default): live events keep being applied during the resync; the version
+    /// rule keeps both correct. `pause-live`: the subscribing services' live consumers are
+    /// paused for the job and resumed when it completes (their backlog is then applied).
+    #[arg(long, default_value = "concurrent", value_parser = ["concurrent", "pause-live"])]
+    mode: String,
     /// Record the job and print its id without running it (run it with `resume`).
     #[arg(long)]
     detach: bool,
@@ -118,25 +123,32 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
                 sinks: match target {
                     Some(service) if service.sink.is_some() => vec![service.sink_name()],
                     Some(_) => Vec::new(),
-                    None => sinks_in(&catalog, &args.entity),
+                    None => sinks_in(&catalog, &args.entity).into_iter().map(|s| s.sink_name()).collect(),
+                },
+                paused_services: match (args.mode.as_str(), target) {
+                    ("pause-live", Some(service)) => vec![service.name.clone()],
+                    ("pause-live", None) => {
+                        sinks_in(&catalog, &args.entity).into_iter().map(|s| s.name.clone()).collect()
+                    }
+                    _ => Vec::new(),
                 },
             };
             let id = resync_snapshotter::create(&pool, schema, namespace, source, &options).await?;
             println!("job {id}");
+            for service in &options.paused_services {
+                let reason = format!("resync job {id} (pause-live)");
+                resync_consumer::control::pause(&pool, schema, service, Stream::Live, Some(&reason)).await?;
+                println!("paused {service} live until the job completes");
+            }
             if !args.detach {
                 run_job(common, schema, &pool, id).await?;
             }
         }
         JobCommand::Resume { id } => {
             let job = resync_snapshotter::get(&pool, schema, id).await?;
-            if job.status == "published" {
-                // Interrupted while waiting for the sinks: wait again.
-                let job = resync_snapshotter::await_completion(&pool, schema, id, Duration::from_millis(500))
-                    .await?;
-                println!("{}", line(&job));
-                return Ok(());
+            if job.status == "paused" {
+                resync_snapshotter::transition(&pool, schema, id, &["paused"], "running").await?;
             }
-            resync_snapshotter::transition(&pool, schema, id, &["paused", "running"], "running").await?;
             run_job(common, schema, &pool, id).await?;
         }
         JobCommand::Pause { id } => {
@@ -144,8 +156,9 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
             println!("{}", line(&job));
         }
         JobCommand::Cancel { id } => {
-            let job = resync_snapshotter::transition(&pool, schema, id, &["running", "paused"], "cancelled")
-                .await?;
+            let from = ["running", "paused", "published"];
+            let job = resync_snapshotter::transition(&pool, schema, id, &from, "cancelled").await?;
+            resume_live(&pool, schema, id).await?;
             println!("{}", line(&job));
         }
         JobCommand::Status { id, json, watch } => loop {
@@ -212,15 +225,33 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
 }
 
 /// Publishes the job, then waits until its sinks applied every row.
+/// Takes a job as far as it goes: publishes it if it is running (from its checkpoint), waits
+/// until its sinks applied every row if it is published, and ends `pause-live` once it is
+/// completed or cancelled.
 async fn run_job(common: &Common, schema: &Schema, pool: &sqlx::PgPool, id: Uuid) -> Result<()> {
-    let transport = TransportConfig::named(&common.transport)?.connect().await?;
-    let job = resync_snapshotter::run(pool, schema, transport.as_ref(), id).await;
-    transport.close().await?;
-    let job = job?;
-    println!("{}", line(&job));
-    if job.status == "published" {
-        let job = resync_snapshotter::await_completion(pool, schema, id, Duration::from_millis(500)).await?;
+    let mut job = resync_snapshotter::get(pool, schema, id).await?;
+    if job.status == "running" {
+        let transport = TransportConfig::named(&common.transport)?.connect().await?;
+        let ran = resync_snapshotter::run(pool, schema, transport.as_ref(), id).await;
+        transport.close().await?;
+        job = ran?;
         println!("{}", line(&job));
+    }
+    if job.status == "published" {
+        job = resync_snapshotter::await_completion(pool, schema, id, Duration::from_millis(500)).await?;
+        println!("{}", line(&job));
+    }
+    if ["completed", "cancelled"].contains(&job.status.as_str()) {
+        resume_live(pool, schema, id).await?;
+    }
+    Ok(())
+}
+
+/// Ends `pause-live`: the paused services' consumers take their live backlog again.
+async fn resume_live(pool: &sqlx::PgPool, schema: &Schema, id: Uuid) -> Result<()> {
+    for service in resync_snapshotter::load_spec(pool, schema, id).await?.paused_services {
+        resync_consumer::control::resume(pool, schema, &service, Stream::Live).await?;
+        println!("resumed {service} live");
     }
     Ok(())
 }
@@ -248,10 +279,12 @@ fn line(job: &Job) -> String {
 
 /// The sinks of the services subscribing to some type of `entity_type` on the resync stream.
 fn sinks_of(config_dir: &std::path::Path, entity_type: &str) -> Result<Vec<String>> {
-    Ok(sinks_in(&fare_config::load_dir(config_dir)?, entity_type))
+    let catalog = fare_config::load_dir(config_dir)?;
+    Ok(sinks_in(&catalog, entity_type).into_iter().map(|s| s.sink_name()).collect())
 }
 
-fn sinks_in(catalog: &fare_config::Catalog, entity_type: &str) -> Vec<String> {
+/// The services with a sink subscribing to some type of `entity_type` on the resync stream.
+fn sinks_in<'a>(catalog: &'a fare_config::Catalog, entity_type: &str) -> Vec<&'a fare_config::ServiceConfig> {
     let prefix = format!("{entity_type}.");
     catalog
         .services
@@ -262,6 +295,5 @@ fn sinks_in(catalog: &fare_config::Catalog, entity_type: &str) -> Vec<String> {
                 sub.streams.contains(&Stream::Resync) && sub.types.iter().any(|t| t.starts_with(&prefix))
             })
         })
-        .map(|s| s.sink_name())
         .collect()
 }

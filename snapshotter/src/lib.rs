@@ -75,6 +75,10 @@ pub struct JobSpec {
     /// `published`.
     #[serde(default)]
     pub sinks: Vec<String>,
+    /// `pause-live` mode: the services whose live consumers are paused while the job runs and
+    /// resumed when it completes or is cancelled (empty in the default, concurrent mode).
+    #[serde(default)]
+    pub paused_services: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +111,8 @@ pub struct JobOptions {
     pub chunk_size: i64,
     /// The sinks whose consumers must apply every row for the job to complete.
     pub sinks: Vec<String>,
+    /// `pause-live` mode: pause these services' live consumers for the job's duration.
+    pub paused_services: Vec<String>,
 }
 
 impl Default for JobOptions {
@@ -118,6 +124,7 @@ impl Default for JobOptions {
             only_rejected_by: None,
             chunk_size: 1000,
             sinks: Vec::new(),
+            paused_services: Vec::new(),
         }
     }
 }
@@ -179,6 +186,7 @@ pub async fn create(
         rate: options.rate,
         chunk_size: options.chunk_size.max(1),
         sinks: options.sinks.clone(),
+        paused_services: options.paused_services.clone(),
     };
     let id = Uuid::now_v7();
     let spec_json = serde_json::to_value(&spec).map_err(|e| JobError::Source {
@@ -278,11 +286,11 @@ pub async fn run(pool: &PgPool, schema: &Schema, transport: &dyn Transport, id: 
         let Some(last) = rows.last().map(|r| r.id.clone()) else {
             return finish(pool, schema, id).await;
         };
-        let count = rows.len();
-        pacer.wait(count).await;
+        pacer.wait(rows.len()).await;
+        let sent: Vec<(String, i64)> = rows.iter().map(|r| (r.id.clone(), r.version)).collect();
         let messages = rows.into_iter().map(|row| row.message(&spec.entity_type, id)).collect();
         transport.publish_batch(&destination, messages).await?;
-        if !save_checkpoint(pool, schema, id, &last, count).await? {
+        if !save_checkpoint(pool, schema, id, &last, &sent).await? {
             info!(job = %id, "job paused or cancelled; stopping after the chunk in flight");
             return get(pool, schema, id).await;
         }
@@ -290,7 +298,7 @@ pub async fn run(pool: &PgPool, schema: &Schema, transport: &dyn Transport, id: 
     }
 }
 
-async fn load_spec(pool: &PgPool, schema: &Schema, id: Uuid) -> Result<JobSpec> {
+pub async fn load_spec(pool: &PgPool, schema: &Schema, id: Uuid) -> Result<JobSpec> {
     let sql = schema.sql("SELECT spec FROM {schema}.jobs WHERE id = $1");
     let spec: serde_json::Value =
         sqlx::query_scalar(sql).bind(id).fetch_one(pool).await.map_err(db("reading the job spec"))?;
@@ -300,8 +308,29 @@ async fn load_spec(pool: &PgPool, schema: &Schema, id: Uuid) -> Result<JobSpec> 
     })
 }
 
-/// Records a confirmed chunk; `false` if the job is no longer running (paused, cancelled).
-async fn save_checkpoint(pool: &PgPool, schema: &Schema, id: Uuid, last: &str, count: usize) -> Result<bool> {
+/// Records a confirmed chunk and what it sent, in one transaction; `false` if the job is no
+/// longer running (paused, cancelled).
+async fn save_checkpoint(
+    pool: &PgPool,
+    schema: &Schema,
+    id: Uuid,
+    last: &str,
+    sent: &[(String, i64)],
+) -> Result<bool> {
+    let (ids, versions): (Vec<&str>, Vec<i64>) = sent.iter().map(|(i, v)| (i.as_str(), *v)).unzip();
+    let mut tx = pool.begin().await.map_err(db("saving the checkpoint"))?;
+    // A chunk sent again after a crash may meet its rows: keep the newer version.
+    let rows_sql = schema.sql(
+        "INSERT INTO {schema}.job_rows (job_id, entity_id, version) SELECT $1, * FROM unnest($2::text[], $3::bigint[]) \
+         ON CONFLICT (job_id, entity_id) DO UPDATE SET version = GREATEST(job_rows.version, EXCLUDED.version)",
+    );
+    sqlx::query(rows_sql)
+        .bind(id)
+        .bind(&ids)
+        .bind(&versions)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("recording sent rows"))?;
     let sql = schema.sql(
         "UPDATE {schema}.jobs SET checkpoint = $2, emitted = emitted + $3, updated_at = clock_timestamp() \
          WHERE id = $1 RETURNING status",
@@ -309,10 +338,11 @@ async fn save_checkpoint(pool: &PgPool, schema: &Schema, id: Uuid, last: &str, c
     let status: String = sqlx::query_scalar(sql)
         .bind(id)
         .bind(last)
-        .bind(count as i64)
-        .fetch_one(pool)
+        .bind(sent.len() as i64)
+        .fetch_one(&mut *tx)
         .await
         .map_err(db("saving the checkpoint"))?;
+    tx.commit().await.map_err(db("saving the checkpoint"))?;
     Ok(status == "running")
 }
 
@@ -327,41 +357,47 @@ async fn finish(pool: &PgPool, schema: &Schema, id: Uuid) -> Result<Job> {
     Ok(job)
 }
 
-/// After a job is published, waits until its sinks have accounted for every row, then marks it
-/// `completed`. A row is accounted for at a sink when the sink's applied version of the entity
-/// is at least the row's (applied, skipped as unchanged, or superseded by a newer live event) or
-/// an event of that version or newer was dead-lettered. Rows are checked in id order as they
-/// are now, chunk by chunk; progress is kept in `jobs.applied`. Returns when completed, or
-/// when the job is paused or cancelled meanwhile.
+/// After a job is published, waits until its sinks have accounted for every row it sent, then
+/// marks it `completed`. A row is accounted for at a sink when the sink's applied version of
+/// the entity is at least the one sent (applied, skipped as unchanged, or superseded by a newer
+/// live event) or an event of that version or newer was dead-lettered. Rows are checked in id
+/// order, chunk by chunk; progress is kept in `jobs.applied`. Returns when completed, or when
+/// the job is cancelled meanwhile.
 pub async fn await_completion(pool: &PgPool, schema: &Schema, id: Uuid, poll: Duration) -> Result<Job> {
     let spec = load_spec(pool, schema, id).await?;
     if spec.sinks.is_empty() {
         return get(pool, schema, id).await;
     }
-    let pending_sql = schema.sql(
-        "SELECT count(*) FROM unnest($2::text[], $3::bigint[]) AS r(entity_id, version)          CROSS JOIN unnest($4::text[]) AS s(sink)          WHERE NOT EXISTS (SELECT 1 FROM {schema}.applied_versions a WHERE a.sink = s.sink                 AND a.entity_type = $1 AND a.entity_id = r.entity_id AND a.version >= r.version)            AND NOT EXISTS (SELECT 1 FROM {schema}.dead_lettered_entities d WHERE d.sink = s.sink                 AND d.entity_type = $1 AND d.entity_id = r.entity_id AND d.version >= r.version)",
+    let rows_sql = schema.sql(
+        "SELECT entity_id, version FROM {schema}.job_rows WHERE job_id = $1 AND entity_id > $2 \
+         ORDER BY entity_id LIMIT $3",
     );
-    let mut checkpoint: Option<String> = None;
+    let pending_sql = schema.sql(
+        "SELECT count(*) FROM unnest($2::text[], $3::bigint[]) AS r(entity_id, version) \
+         CROSS JOIN unnest($4::text[]) AS s(sink) \
+         WHERE NOT EXISTS (SELECT 1 FROM {schema}.applied_versions a WHERE a.sink = s.sink \
+                AND a.entity_type = $1 AND a.entity_id = r.entity_id AND a.version >= r.version) \
+           AND NOT EXISTS (SELECT 1 FROM {schema}.dead_lettered_entities d WHERE d.sink = s.sink \
+                AND d.entity_type = $1 AND d.entity_id = r.entity_id AND d.version >= r.version)",
+    );
+    let mut after = String::new();
     let mut accounted = 0_i64;
     loop {
         let job = get(pool, schema, id).await?;
         if job.status != "published" {
             return Ok(job);
         }
-        // A fresh look at the source each round: live changes move versions forward.
-        let mut conn = pool.acquire().await.map_err(db("reading the source"))?;
-        let rows = spec.query.chunk(&mut conn, checkpoint.as_deref(), spec.chunk_size).await?;
-        drop(conn);
-        let Some(last) = rows.last().map(|r| r.id.clone()) else {
-            let sql = schema.sql(
-                "UPDATE {schema}.jobs SET status = 'completed', updated_at = clock_timestamp()                  WHERE id = $1 AND status = 'published'",
-            );
-            sqlx::query(sql).bind(id).execute(pool).await.map_err(db("completing the job"))?;
-            info!(job = %id, rows = accounted, "every row applied at every sink: job completed");
-            return get(pool, schema, id).await;
+        let rows: Vec<(String, i64)> = sqlx::query_as(rows_sql.clone())
+            .bind(id)
+            .bind(&after)
+            .bind(spec.chunk_size)
+            .fetch_all(pool)
+            .await
+            .map_err(db("reading the job's rows"))?;
+        let Some((last, _)) = rows.last().cloned() else {
+            return complete(pool, schema, id, accounted).await;
         };
-        let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
-        let versions: Vec<i64> = rows.iter().map(|r| r.version).collect();
+        let (ids, versions): (Vec<String>, Vec<i64>) = rows.into_iter().unzip();
         let pending: i64 = sqlx::query_scalar(pending_sql.clone())
             .bind(&spec.entity_type)
             .bind(&ids)
@@ -374,12 +410,26 @@ pub async fn await_completion(pool: &PgPool, schema: &Schema, id: Uuid, poll: Du
             tokio::time::sleep(poll).await;
             continue;
         }
-        accounted += rows.len() as i64;
+        accounted += ids.len() as i64;
         let sql =
             schema.sql("UPDATE {schema}.jobs SET applied = $2, updated_at = clock_timestamp() WHERE id = $1");
         sqlx::query(sql).bind(id).bind(accounted).execute(pool).await.map_err(db("recording progress"))?;
-        checkpoint = Some(last);
+        after = last;
     }
+}
+
+async fn complete(pool: &PgPool, schema: &Schema, id: Uuid, accounted: i64) -> Result<Job> {
+    let mut tx = pool.begin().await.map_err(db("completing the job"))?;
+    let sql = schema.sql(
+        "UPDATE {schema}.jobs SET status = 'completed', updated_at = clock_timestamp() \
+         WHERE id = $1 AND status = 'published'",
+    );
+    sqlx::query(sql).bind(id).execute(&mut *tx).await.map_err(db("completing the job"))?;
+    let sql = schema.sql("DELETE FROM {schema}.job_rows WHERE job_id = $1");
+    sqlx::query(sql).bind(id).execute(&mut *tx).await.map_err(db("completing the job"))?;
+    tx.commit().await.map_err(db("completing the job"))?;
+    info!(job = %id, rows = accounted, "every row applied at every sink: job completed");
+    get(pool, schema, id).await
 }
 
 /// Paces chunks to at most `rate` rows per second (a token bucket refilled continuously, one

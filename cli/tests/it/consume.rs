@@ -540,25 +540,47 @@ async fn sns_sqs_dead_letters_are_redriven_after_the_sink_is_fixed() {
     dead_letters_are_redriven_after_the_sink_is_fixed("sns-sqs", 40).await;
 }
 
-/// A resync job over a table the third party has never seen: consumers apply the resync
-/// stream with faults on, the job moves from `published` to `completed` once every row is
-/// applied at the sink, and the third party then equals the database.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resync_job_completes_once_its_sink_applied_every_row() {
+/// Newer versions of every `step`th entity, written to the source table and published live,
+/// as the application would while a resync runs.
+async fn live_updates(world: &mut World, step: usize, round: i64) {
+    let topic =
+        Destination::Topic(resync_bus::naming::topic_name(Some(&world.namespace), "listing", Stream::Live));
+    let ids: Vec<String> = world.truth.keys().step_by(step).cloned().collect();
+    let mut messages = Vec::new();
+    for id in ids {
+        let Some(old) = world.truth.get(&id) else { continue };
+        let new = Expected {
+            version: old.version + 1,
+            deleted: false,
+            data: serde_json::json!({"title": format!("{id} live {round}"), "price": round}),
+        };
+        let mut conn = world.pool.acquire().await.expect("connection");
+        world.source.upsert(&mut conn, &id, &new).await.expect("source row");
+        let mut event = Envelope::new("listing.updated", id.clone(), new.version, new.data.clone());
+        event.stream = Stream::Live;
+        messages.push(OutgoingMessage::from_envelope(&event));
+        world.truth.insert(id, new);
+    }
+    world.transport.publish_batch(&topic, messages).await.expect("publish live updates");
+}
+
+/// A resync job over a table the third party has never seen, while 1% of the rows change and
+/// are published live every round: consumers apply both streams with faults on, the job moves
+/// from `published` to `completed` once every row is applied at the sink, and the third party
+/// then equals the database with no stale overwrite. In `pause-live` mode the live stream is
+/// paused for the job and resumed at completion.
+async fn a_resync_job_completes_once_its_sink_applied_every_row(mode: &str) {
     let mut world = World::new("rabbitmq", faulty_api(31)).await;
     let (_, truth) = shuffled_history(2_000, 3, 0.0, 31);
     world.seed(truth).await;
     let _consumers: Vec<Process> = (0..2).map(|_| world.consumer("15s")).collect();
 
-    let mut job = Process(
-        world
-            .resync()
-            .args(["job", "start", "--entity", "listing", "--rate", "2000"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("job start"),
-    );
+    let args = ["job", "start", "--entity", "listing", "--rate", "1000", "--mode", mode];
+    let mut job = Process(world.resync().args(args).stdout(Stdio::null()).spawn().expect("job start"));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    let paused = world.schema.sql("SELECT count(*) FROM {schema}.paused_streams WHERE service = 'sync'");
+    let mut round = 0;
+    let mut seen_paused = false;
     let status = loop {
         if let Some(status) = job.0.try_wait().expect("job process") {
             break status;
@@ -568,9 +590,18 @@ async fn a_resync_job_completes_once_its_sink_applied_every_row() {
             "the job did not complete\n{}",
             world.consumer_logs()
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        if round < 3 {
+            round += 1;
+            live_updates(&mut world, 100, round).await;
+        }
+        let count: i64 = sqlx::query_scalar(paused.clone()).fetch_one(&world.pool).await.expect("paused");
+        seen_paused |= count > 0;
+        tokio::time::sleep(Duration::from_millis(300)).await;
     };
     assert!(status.success(), "resync job start failed");
+    assert_eq!(seen_paused, mode == "pause-live", "live is paused during the job only in pause-live mode");
+    let count: i64 = sqlx::query_scalar(paused).fetch_one(&world.pool).await.expect("paused");
+    assert_eq!(count, 0, "live is resumed when the job completes");
     let jobs: Vec<(String, i64, Option<i64>, i64)> =
         sqlx::query_as(world.schema.sql("SELECT status, emitted, total, applied FROM {schema}.jobs"))
             .fetch_all(&world.pool)
@@ -581,4 +612,14 @@ async fn a_resync_job_completes_once_its_sink_applied_every_row() {
     world.wait_until_equal(Duration::from_secs(60)).await;
     assert_no_stale_overwrite(&world).await;
     world.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_resync_job_completes_with_live_updates_flowing() {
+    a_resync_job_completes_once_its_sink_applied_every_row("concurrent").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_live_resync_job_pauses_live_and_completes() {
+    a_resync_job_completes_once_its_sink_applied_every_row("pause-live").await;
 }
