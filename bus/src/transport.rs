@@ -33,6 +33,9 @@ pub mod attr {
     pub const ATTEMPTS: &str = "resync-attempts";
     pub const SOURCE_QUEUE: &str = "resync-source-queue";
     pub const DEAD_LETTERED_AT: &str = "resync-dead-lettered-at";
+    /// On a resync event: skip the sink call when the sink has this version with the same
+    /// content (`resync job start --skip-unchanged`).
+    pub const SKIP_UNCHANGED: &str = "resync-skip-unchanged";
     /// Marks a `fare verify` probe; consumers ack probes without handling them.
     pub const PROBE: &str = "resync-probe";
 }

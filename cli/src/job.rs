@@ -85,6 +85,11 @@ pub(crate) struct StartArgs {
     /// paused for the job and resumed when it completes (their backlog is then applied).
     #[arg(long, default_value = "concurrent", value_parser = ["concurrent", "pause-live"])]
     mode: String,
+    /// Skip the API call for entities whose content the sink already has (the consumers
+    /// compare content hashes); without it, a resync re-sends every entity, also those at the
+    /// version the sink has (the point of a resync after fixing a sync bug).
+    #[arg(long)]
+    skip_unchanged: bool,
     /// Record the job and print its id without running it (run it with `resume`).
     #[arg(long)]
     detach: bool,
@@ -125,6 +130,7 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
                     Some(_) => Vec::new(),
                     None => sinks_in(&catalog, &args.entity).into_iter().map(|s| s.sink_name()).collect(),
                 },
+                skip_unchanged: args.skip_unchanged,
                 paused_services: match (args.mode.as_str(), target) {
                     ("pause-live", Some(service)) => vec![service.name.clone()],
                     ("pause-live", None) => {

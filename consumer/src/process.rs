@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::future::join_all;
-use resync_bus::{DeadLetter, DeadLetterReason, DecodeLimits, Delivery, Envelope, attr};
+use resync_bus::{DeadLetter, DeadLetterReason, DecodeLimits, Delivery, Envelope, Stream, attr};
 use resync_locks::{LockGuard, Locker};
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::decision::{Decision, content_hash, decide};
+use crate::decision::{Decision, Resend, content_hash, decide};
 use crate::sink::{Sink, SinkError, SinkWrite};
 use crate::store::{AppliedState, AppliedStore, Cas, CasRequest, Current, EntityId, EntityKey};
 
@@ -160,8 +160,8 @@ struct Decided {
 }
 
 fn decide_first(group: &EntityGroup, current: Option<Current>) -> Option<Decided> {
-    let (current, (_, envelope)) = (current?, group.events.first()?);
-    let mine = applied_state(envelope);
+    let (current, (delivery, envelope)) = (current?, group.events.first()?);
+    let mine = applied_state(delivery, envelope);
     let decision = rule(&mine, &current);
     Some(Decided { expected: current.applied.as_ref().map(|a| a.version), mine, decision })
 }
@@ -169,11 +169,26 @@ fn decide_first(group: &EntityGroup, current: Option<Current>) -> Option<Decided
 /// The version rule for `mine` against what is recorded.
 fn rule(mine: &AppliedState, current: &Current) -> Decision {
     let applied = current.applied.as_ref().map(AppliedState::applied);
-    decide(mine.version, &mine.content_hash, applied.as_ref(), current.started)
+    decide(mine.version, &mine.content_hash, applied.as_ref(), current.started, mine.resend)
 }
 
-fn applied_state(envelope: &Envelope) -> AppliedState {
+/// Resync events re-send a version the sink already has (unless asked to skip unchanged
+/// content); live events never do.
+fn resend_of(delivery: &Delivery, envelope: &Envelope) -> Resend {
+    match (envelope.stream, envelope.job_id) {
+        (Stream::Resync, Some(_))
+            if delivery.attributes.get(attr::SKIP_UNCHANGED).is_some_and(|v| v == "true") =>
+        {
+            Resend::IfChanged
+        }
+        (Stream::Resync, Some(_)) => Resend::Always,
+        _ => Resend::Never,
+    }
+}
+
+fn applied_state(delivery: &Delivery, envelope: &Envelope) -> AppliedState {
     AppliedState {
+        resend: resend_of(delivery, envelope),
         version: envelope.version,
         content_hash: content_hash(&envelope.data, envelope.deleted),
         deleted: envelope.deleted,
@@ -451,13 +466,13 @@ impl Processor {
         let key = group.key(self.sink.name());
         let mut results = Vec::with_capacity(group.events.len());
         let mut first = Some((first, cas));
-        for (_, envelope) in &group.events {
+        for (delivery, envelope) in &group.events {
             let result = async {
                 match first.take() {
                     Some((FirstRound::Prepared { mine, expected, step }, cas)) => {
                         self.continue_first(key, &mine, expected, step, cas, guard).await
                     }
-                    _ => self.apply_locked(key, &applied_state(envelope), guard).await,
+                    _ => self.apply_locked(key, &applied_state(delivery, envelope), guard).await,
                 }
             }
             .instrument(event_span(envelope))

@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use uuid::Uuid;
 
-use crate::decision::Applied;
+use crate::decision::{Applied, Resend};
 
 /// One entity's applied state, with the data needed to re-send it.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -18,6 +18,10 @@ pub struct AppliedState {
     pub deleted: bool,
     pub data: serde_json::Value,
     pub event_id: Uuid,
+    /// How the rule treats this event if the sink has its version already (not stored: a
+    /// property of the event, see [`Resend`]).
+    #[sqlx(skip)]
+    pub resend: Resend,
 }
 
 impl AppliedState {
@@ -66,7 +70,7 @@ impl CurrentRow {
     fn into_current(self) -> (EntityId, Current) {
         let applied = match (self.version, self.content_hash, self.deleted, self.data, self.event_id) {
             (Some(version), Some(content_hash), Some(deleted), Some(data), Some(event_id)) => {
-                Some(AppliedState { version, content_hash, deleted, data, event_id })
+                Some(AppliedState { version, content_hash, deleted, data, event_id, resend: Resend::Never })
             }
             _ => None,
         };

@@ -79,6 +79,9 @@ pub struct JobSpec {
     /// resumed when it completes or is cancelled (empty in the default, concurrent mode).
     #[serde(default)]
     pub paused_services: Vec<String>,
+    /// Consumers skip the sink call for an entity whose content equals what the sink has.
+    #[serde(default)]
+    pub skip_unchanged: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +116,8 @@ pub struct JobOptions {
     pub sinks: Vec<String>,
     /// `pause-live` mode: pause these services' live consumers for the job's duration.
     pub paused_services: Vec<String>,
+    /// Let consumers skip entities whose content the sink already has (no API call).
+    pub skip_unchanged: bool,
 }
 
 impl Default for JobOptions {
@@ -125,6 +130,7 @@ impl Default for JobOptions {
             chunk_size: 1000,
             sinks: Vec::new(),
             paused_services: Vec::new(),
+            skip_unchanged: false,
         }
     }
 }
@@ -187,6 +193,7 @@ pub async fn create(
         chunk_size: options.chunk_size.max(1),
         sinks: options.sinks.clone(),
         paused_services: options.paused_services.clone(),
+        skip_unchanged: options.skip_unchanged,
     };
     let id = Uuid::now_v7();
     let spec_json = serde_json::to_value(&spec).map_err(|e| JobError::Source {
@@ -288,7 +295,8 @@ pub async fn run(pool: &PgPool, schema: &Schema, transport: &dyn Transport, id: 
         };
         pacer.wait(rows.len()).await;
         let sent: Vec<(String, i64)> = rows.iter().map(|r| (r.id.clone(), r.version)).collect();
-        let messages = rows.into_iter().map(|row| row.message(&spec.entity_type, id)).collect();
+        let messages =
+            rows.into_iter().map(|row| row.message(&spec.entity_type, id, spec.skip_unchanged)).collect();
         transport.publish_batch(&destination, messages).await?;
         if !save_checkpoint(pool, schema, id, &last, &sent).await? {
             info!(job = %id, "job paused or cancelled; stopping after the chunk in flight");
@@ -358,9 +366,9 @@ async fn finish(pool: &PgPool, schema: &Schema, id: Uuid) -> Result<Job> {
 }
 
 /// After a job is published, waits until its sinks have accounted for every row it sent, then
-/// marks it `completed`. A row is accounted for at a sink when the sink's applied version of
-/// the entity is at least the one sent (applied, skipped as unchanged, or superseded by a newer
-/// live event) or an event of that version or newer was dead-lettered. Rows are checked in id
+/// marks it `completed`. A row is accounted for at a sink when the sink recorded a newer
+/// version of the entity (superseded by a live event), or the version sent since the job
+/// started (applied, or skipped as unchanged), or dead-lettered one of these. Rows are checked in id
 /// order, chunk by chunk; progress is kept in `jobs.applied`. Returns when completed, or when
 /// the job is cancelled meanwhile.
 pub async fn await_completion(pool: &PgPool, schema: &Schema, id: Uuid, poll: Duration) -> Result<Job> {
@@ -376,10 +384,14 @@ pub async fn await_completion(pool: &PgPool, schema: &Schema, id: Uuid, poll: Du
         "SELECT count(*) FROM unnest($2::text[], $3::bigint[]) AS r(entity_id, version) \
          CROSS JOIN unnest($4::text[]) AS s(sink) \
          WHERE NOT EXISTS (SELECT 1 FROM {schema}.applied_versions a WHERE a.sink = s.sink \
-                AND a.entity_type = $1 AND a.entity_id = r.entity_id AND a.version >= r.version) \
+                AND a.entity_type = $1 AND a.entity_id = r.entity_id \
+                AND (a.version > r.version OR (a.version = r.version AND a.applied_at >= $5))) \
            AND NOT EXISTS (SELECT 1 FROM {schema}.dead_lettered_entities d WHERE d.sink = s.sink \
-                AND d.entity_type = $1 AND d.entity_id = r.entity_id AND d.version >= r.version)",
+                AND d.entity_type = $1 AND d.entity_id = r.entity_id \
+                AND (d.version > r.version OR (d.version = r.version AND d.dead_lettered_at >= $5)))",
     );
+    // The same version recorded before the job started does not count: a resync re-sends it.
+    let started = get(pool, schema, id).await?.created_at;
     let mut after = String::new();
     let mut accounted = 0_i64;
     loop {
@@ -403,6 +415,7 @@ pub async fn await_completion(pool: &PgPool, schema: &Schema, id: Uuid, poll: Du
             .bind(&ids)
             .bind(&versions)
             .bind(&spec.sinks)
+            .bind(started)
             .fetch_one(pool)
             .await
             .map_err(db("checking what the sinks applied"))?;
@@ -465,13 +478,17 @@ pub struct SourceRow {
 }
 
 impl SourceRow {
-    fn message(self, entity_type: &str, job: Uuid) -> OutgoingMessage {
+    fn message(self, entity_type: &str, job: Uuid, skip_unchanged: bool) -> OutgoingMessage {
         let verb = if self.deleted { "deleted" } else { "updated" };
         let mut event = Envelope::new(&format!("{entity_type}.{verb}"), self.id, self.version, self.data);
         event.stream = Stream::Resync;
         event.job_id = Some(job);
         event.deleted = self.deleted;
-        OutgoingMessage::from_envelope(&event)
+        let mut message = OutgoingMessage::from_envelope(&event);
+        if skip_unchanged {
+            message.attributes.insert(resync_bus::attr::SKIP_UNCHANGED.into(), "true".into());
+        }
+        message
     }
 }
 

@@ -623,3 +623,46 @@ async fn a_concurrent_resync_job_completes_with_live_updates_flowing() {
 async fn a_pause_live_resync_job_pauses_live_and_completes() {
     a_resync_job_completes_once_its_sink_applied_every_row("pause-live").await;
 }
+
+/// Runs `resync job start` for listings with `extra` flags to its end.
+async fn run_job(world: &World, extra: &[&str]) {
+    let mut args = vec!["job", "start", "--entity", "listing"];
+    args.extend_from_slice(extra);
+    let mut job = Process(world.resync().args(&args).stdout(Stdio::null()).spawn().expect("job start"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = job.0.try_wait().expect("job process") {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the job did not complete\n{}",
+            world.consumer_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(status.success(), "resync job start {extra:?} failed");
+}
+
+/// A resync re-sends every entity, also at the version the sink has (after a bug in the sync
+/// the third party may hold something else); with `--skip-unchanged`, entities whose content the
+/// sink has cost no API call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_resync_resends_everything_unless_told_to_skip_unchanged() {
+    let mut world = World::new("rabbitmq", ApiConfig::default()).await;
+    let (_, truth) = shuffled_history(300, 2, 0.0, 41);
+    world.seed(truth).await;
+    let _consumer = world.consumer("15s");
+
+    run_job(&world, &[]).await;
+    world.wait_until_equal(Duration::from_secs(60)).await;
+    let first = world.applied_writes().await;
+    assert_eq!(first, 300, "the first resync sends every entity once");
+
+    run_job(&world, &["--skip-unchanged"]).await;
+    assert_eq!(world.applied_writes().await, first, "nothing changed: no API call");
+
+    run_job(&world, &[]).await;
+    assert_eq!(world.applied_writes().await, first + 300, "a plain resync sends every entity again");
+    world.cleanup().await;
+}
