@@ -274,12 +274,8 @@ pub async fn run(pool: &PgPool, schema: &Schema, transport: &dyn Transport, id: 
         return Err(JobError::State { id, status: job.status, hint });
     }
     let spec = load_spec(pool, schema, id).await?;
-    let mut reader = pool.begin().await.map_err(db("opening the snapshot"))?;
     // One snapshot for the whole run: every row as of one instant, however long the run.
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *reader)
-        .await
-        .map_err(db("opening the snapshot"))?;
+    let mut reader = open_snapshot(pool).await?;
     if job.total.is_none() {
         let total = spec.query.count(&mut reader).await?;
         let sql = schema.sql("UPDATE {schema}.jobs SET total = $2 WHERE id = $1");
@@ -306,6 +302,17 @@ pub async fn run(pool: &PgPool, schema: &Schema, transport: &dyn Transport, id: 
     }
 }
 
+/// A read-only transaction that sees the database as of one instant until it ends.
+async fn open_snapshot(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    let mut tx = pool.begin().await.map_err(db("opening the snapshot"))?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .map_err(db("opening the snapshot"))?;
+    Ok(tx)
+}
+
+/// What the job was asked to do, as recorded when it was created.
 pub async fn load_spec(pool: &PgPool, schema: &Schema, id: Uuid) -> Result<JobSpec> {
     let sql = schema.sql("SELECT spec FROM {schema}.jobs WHERE id = $1");
     let spec: serde_json::Value =
@@ -520,11 +527,7 @@ pub const MAX_DRIFT_LISTED: usize = 1000;
 /// applied another version than the row's.
 pub async fn verify(pool: &PgPool, schema: &Schema, id: Uuid, sink: &str) -> Result<Verification> {
     let spec = load_spec(pool, schema, id).await?;
-    let mut reader = pool.begin().await.map_err(db("opening the snapshot"))?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *reader)
-        .await
-        .map_err(db("opening the snapshot"))?;
+    let mut reader = open_snapshot(pool).await?;
     let applied_sql = schema.sql(
         "SELECT entity_id, version FROM {schema}.applied_versions \
          WHERE sink = $1 AND entity_type = $2 AND entity_id = ANY($3)",
