@@ -457,19 +457,21 @@ async fn complete(pool: &PgPool, schema: &Schema, id: Uuid, accounted: i64) -> R
 struct Pacer {
     rate: Option<f64>,
     next: Instant,
+    warned: bool,
 }
 
 impl Pacer {
     fn new(rate: Option<f64>) -> Self {
-        Self { rate: rate.filter(|r| *r > 0.0), next: Instant::now() }
+        Self { rate: rate.filter(|r| *r > 0.0), next: Instant::now(), warned: false }
     }
 
     async fn wait(&mut self, rows: usize) {
         let Some(rate) = self.rate else { return };
         tokio::time::sleep_until(self.next).await;
         let now = Instant::now();
-        if self.next + Duration::from_secs(1) < now {
-            warn!("publishing is slower than the job's rate");
+        if !self.warned && self.next + Duration::from_secs(1) < now {
+            self.warned = true;
+            warn!(rate, "publishing is slower than the job's rate (said once per run)");
         }
         self.next = self.next.max(now) + Duration::from_secs_f64(rows as f64 / rate);
     }

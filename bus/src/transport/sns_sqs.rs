@@ -183,18 +183,33 @@ impl SnsSqsTransport {
         Ok(url)
     }
 
-    async fn queue_arn(&self, queue_url: &str) -> Result<String> {
+    /// One attribute of a queue; `None` if the queue has none of that name (e.g. no policy).
+    async fn queue_attribute(&self, queue_url: &str, name: QueueAttributeName) -> Result<Option<String>> {
         let out = self
             .sqs
             .get_queue_attributes()
             .queue_url(queue_url)
-            .attribute_names(QueueAttributeName::QueueArn)
+            .attribute_names(name.clone())
             .send()
             .await
             .map_err(|e| op_error("GetQueueAttributes", queue_url, &e))?;
-        out.attributes()
-            .and_then(|a| a.get(&QueueAttributeName::QueueArn))
-            .cloned()
+        Ok(out.attributes().and_then(|a| a.get(&name)).cloned())
+    }
+
+    async fn set_queue_policy(&self, queue_url: &str, policy: String) -> Result<()> {
+        self.sqs
+            .set_queue_attributes()
+            .queue_url(queue_url)
+            .attributes(QueueAttributeName::Policy, policy)
+            .send()
+            .await
+            .map_err(|e| op_error("SetQueueAttributes", queue_url, &e))?;
+        Ok(())
+    }
+
+    async fn queue_arn(&self, queue_url: &str) -> Result<String> {
+        self.queue_attribute(queue_url, QueueAttributeName::QueueArn)
+            .await?
             .ok_or_else(|| TransportError::NotFound(queue_url.to_string()))
     }
 
@@ -288,25 +303,10 @@ impl SnsSqsTransport {
 
     /// Takes back what [`Self::allow_topic`] granted.
     async fn disallow_topic(&self, queue_url: &str, topic_arn: &str) -> Result<()> {
-        let out = self
-            .sqs
-            .get_queue_attributes()
-            .queue_url(queue_url)
-            .attribute_names(QueueAttributeName::Policy)
-            .send()
-            .await
-            .map_err(|e| op_error("GetQueueAttributes", queue_url, &e))?;
-        let Some(existing) = out.attributes().and_then(|a| a.get(&QueueAttributeName::Policy)) else {
-            return Ok(());
-        };
-        self.sqs
-            .set_queue_attributes()
-            .queue_url(queue_url)
-            .attributes(QueueAttributeName::Policy, policy_without(existing, topic_arn))
-            .send()
-            .await
-            .map_err(|e| op_error("SetQueueAttributes", queue_url, &e))?;
-        Ok(())
+        match self.queue_attribute(queue_url, QueueAttributeName::Policy).await? {
+            Some(existing) => self.set_queue_policy(queue_url, policy_without(&existing, topic_arn)).await,
+            None => Ok(()),
+        }
     }
 
     async fn queue_urls_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {
@@ -431,24 +431,8 @@ impl SnsSqsTransport {
 
     /// Lets `topic_arn` send to the queue; keeps statements for other topics.
     async fn allow_topic(&self, queue_url: &str, queue_arn: &str, topic_arn: &str) -> Result<()> {
-        let out = self
-            .sqs
-            .get_queue_attributes()
-            .queue_url(queue_url)
-            .attribute_names(QueueAttributeName::Policy)
-            .send()
-            .await
-            .map_err(|e| op_error("GetQueueAttributes", queue_url, &e))?;
-        let existing = out.attributes().and_then(|a| a.get(&QueueAttributeName::Policy)).cloned();
-        let policy = policy_allowing(existing.as_deref(), queue_arn, topic_arn);
-        self.sqs
-            .set_queue_attributes()
-            .queue_url(queue_url)
-            .attributes(QueueAttributeName::Policy, policy)
-            .send()
-            .await
-            .map_err(|e| op_error("SetQueueAttributes", queue_url, &e))?;
-        Ok(())
+        let existing = self.queue_attribute(queue_url, QueueAttributeName::Policy).await?;
+        self.set_queue_policy(queue_url, policy_allowing(existing.as_deref(), queue_arn, topic_arn)).await
     }
 
     async fn send_chunk(&self, destination: &Destination, chunk: &[(usize, OutgoingMessage)]) -> ChunkResult {
