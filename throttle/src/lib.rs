@@ -1,0 +1,60 @@
+//! `resync-throttle`: lets hundreds of consumer processes share one third party's rate limit.
+//!
+//! Owns two primitives a consumer wraps around every sink call:
+//!
+//! - [`SharedRateLimiter`]: the sink's request rate, shared by every process through one Redis
+//!   hash. A GCRA limiter (one Lua script call per request, Redis `TIME` as the common clock)
+//!   whose rate adapts across all processes: [`SharedRateLimiter::throttled`] cuts it
+//!   multiplicatively when the third party answers 429/503, at most once per cooldown no
+//!   matter how many processes report, and it grows back linearly to `max_rate`. A
+//!   Retry-After becomes a hold that every process's next slot waits for.
+//! - [`AdaptiveConcurrency`]: how many calls this process keeps in flight to the sink, found
+//!   by AIMD on overload answers and latency, in memory (no Redis).
+//!
+//! Metrics (through the `metrics` facade, label `sink`): gauges `resync_sink_rate_limit` and
+//! `resync_sink_concurrency_limit`, histogram `resync_sink_rate_wait_seconds`, counter
+//! `resync_sink_throttled_total`.
+//!
+//! Does not own: calling the sink, classifying its answers, retries and backoff, or what to do
+//! when Redis is unreachable (fail closed, or send without the shared limit): the consumer
+//! decides all of that. Not here either: fairness between waiters (slots go to whoever asks
+//! when one is free), and Redis Cluster beyond "one key per sink" (which is cluster-safe).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use resync_throttle::{
+//!     AdaptiveConcurrency, ConcurrencyConfig, Outcome, RateLimiterConfig, SharedRateLimiter,
+//! };
+//!
+//! # async fn demo() -> Result<(), resync_throttle::ThrottleError> {
+//! let config = RateLimiterConfig { sink: "crm".into(), max_rate: 50.0, ..Default::default() };
+//! let rate = SharedRateLimiter::connect("redis://127.0.0.1:6379", config).await?;
+//! let concurrency =
+//!     AdaptiveConcurrency::new(ConcurrencyConfig { sink: "crm".into(), ..Default::default() })?;
+//!
+//! let permit = concurrency.acquire().await;
+//! rate.acquire().await?;
+//! let started = std::time::Instant::now();
+//! let status = 429; // call the third party here
+//! match status {
+//!     429 | 503 => {
+//!         let retry_after = Some(Duration::from_secs(2)); // from the Retry-After header
+//!         rate.throttled(retry_after).await?;
+//!         permit.done(Outcome::Overloaded);
+//!     }
+//!     200..=299 => permit.done(Outcome::Success { latency: started.elapsed() }),
+//!     _ => permit.done(Outcome::Failed),
+//! }
+//! # Ok(()) }
+//! ```
+
+mod concurrency;
+mod config;
+mod error;
+mod rate;
+mod scripts;
+
+pub use concurrency::{AdaptiveConcurrency, ConcurrencyConfig, ConcurrencyPermit, Outcome};
+pub use config::RateLimiterConfig;
+pub use error::ThrottleError;
+pub use rate::{SharedRateLimiter, ThrottledOutcome};

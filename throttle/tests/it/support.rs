@@ -1,0 +1,94 @@
+//! Shared test plumbing: limiters on the shared Redis, raw access to their keys, bounded waits.
+
+use std::future::Future;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use resync_testkit::{Service, service_unreachable, unique_name};
+use resync_throttle::{RateLimiterConfig, SharedRateLimiter, ThrottleError};
+use tokio::time::Instant;
+
+/// A config on a key no other test (or earlier run) uses.
+pub(crate) fn config(max_rate: f64, burst: u32) -> RateLimiterConfig {
+    RateLimiterConfig {
+        key_prefix: unique_name("throttle-test"),
+        sink: "apisim".into(),
+        max_rate,
+        min_rate: 1.0,
+        burst,
+        // Test keys need not outlive the test by a minute.
+        idle_ttl: Duration::from_secs(10),
+        op_timeout: Duration::from_secs(5),
+        ..RateLimiterConfig::default()
+    }
+}
+
+/// A limiter with a connection of its own on the shared Redis; fails the test loudly if Redis
+/// is not there.
+pub(crate) async fn limiter(config: RateLimiterConfig) -> SharedRateLimiter {
+    match SharedRateLimiter::connect(&Service::Redis.url(), config).await {
+        Ok(limiter) => limiter,
+        Err(e @ (ThrottleError::Connect { .. } | ThrottleError::Unavailable { .. })) => {
+            service_unreachable(Service::Redis, e)
+        }
+        Err(e) => panic!("limiter: {e}"),
+    }
+}
+
+/// `count` limiters on one config, each with its own connection, as separate processes would be.
+pub(crate) async fn limiters(config: &RateLimiterConfig, count: usize) -> Vec<SharedRateLimiter> {
+    let mut limiters = Vec::with_capacity(count);
+    for _ in 0..count {
+        limiters.push(limiter(config.clone()).await);
+    }
+    limiters
+}
+
+/// A plain connection to the shared Redis, for inspecting keys.
+pub(crate) async fn raw() -> MultiplexedConnection {
+    let connect = async {
+        let client = redis::Client::open(Service::Redis.url())?;
+        client.get_multiplexed_async_connection().await
+    };
+    match connect.await {
+        Ok(conn) => conn,
+        Err(e) => service_unreachable(Service::Redis, e),
+    }
+}
+
+pub(crate) async fn pttl(conn: &mut MultiplexedConnection, key: &str) -> i64 {
+    redis::cmd("PTTL").arg(key).query_async(conn).await.expect("PTTL")
+}
+
+pub(crate) async fn exists(conn: &mut MultiplexedConnection, key: &str) -> bool {
+    redis::cmd("EXISTS").arg(key).query_async(conn).await.expect("EXISTS")
+}
+
+/// Fails the test if `fut` has not finished within `limit`: a hang guard, not a timing claim.
+pub(crate) async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(value) => value,
+        Err(_) => panic!("{what}: still waiting after {limit:?} (hang)"),
+    }
+}
+
+/// Polls `attempt` until it yields a value; fails the test after `limit`.
+pub(crate) async fn poll_some<T, F, Fut>(limit: Duration, what: &str, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = attempt().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: not true after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Rates are computed in floating point on the server; compare with room for rounding.
+pub(crate) fn assert_rate(actual: f64, expected: f64, what: &str) {
+    assert!((actual - expected).abs() < 1e-6, "{what}: rate {actual}, expected {expected}");
+}
