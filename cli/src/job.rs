@@ -70,13 +70,22 @@ pub(crate) struct StartArgs {
     /// Most events per second (keep a resync within its share of the broker / SNS quota).
     #[arg(long)]
     rate: Option<f64>,
-    /// Send only to this service (straight to its resync queue) instead of every subscriber.
+    /// Send only to this service, straight to its resync queue, instead of every subscriber
+    /// through the topic. Repeat for several services.
     #[arg(long)]
-    target_service: Option<String>,
+    target_service: Vec<String>,
+    /// Send straight to every subscribing service's resync queue instead of through the
+    /// topic/exchange: on SQS, SendMessageBatch per queue (no SNS publish quota spent).
+    #[arg(long, conflicts_with = "target_service")]
+    direct: bool,
     /// Only the entities whose events the target service's sink dead-lettered (refused by the
-    /// third party, or failed too often): resend them once it is fixed. Needs --target-service.
+    /// third party, or failed too often): resend them once it is fixed. Needs one
+    /// --target-service.
     #[arg(long, requires = "target_service")]
     only_rejected: bool,
+    /// Key ranges read in parallel, all in one database snapshot.
+    #[arg(long, default_value_t = resync_snapshotter::DEFAULT_READERS)]
+    readers: u32,
     /// Rows read and published per checkpoint.
     #[arg(long, default_value_t = 1000)]
     chunk_size: i64,
@@ -109,35 +118,35 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
                     format!("no service in {} maps a source for `{}`", args.config_dir.display(), args.entity)
                 })?;
             let namespace = common.namespace.as_deref();
-            let target = args
-                .target_service
-                .as_deref()
-                .map(|name| {
-                    catalog.service(name).with_context(|| {
-                        format!("--target-service: no service `{name}` in {}", args.config_dir.display())
-                    })
-                })
-                .transpose()?;
+            let targets = target_services(&catalog, &args)?;
+            anyhow::ensure!(
+                !args.only_rejected || targets.len() == 1,
+                "--only-rejected resends what one service's sink rejected: name exactly one --target-service"
+            );
+            // Without targets, every subscriber with a sink must apply the job; with them, theirs.
+            let receivers =
+                if targets.is_empty() { sinks_in(&catalog, &args.entity) } else { targets.clone() };
+            let direct = !targets.is_empty() || args.direct;
             let options = JobOptions {
                 filter: args.filter,
                 rate: args.rate,
-                target_queue: target
-                    .map(|service| resync_bus::naming::queue_name(namespace, &service.name, Stream::Resync)),
-                only_rejected_by: target.filter(|_| args.only_rejected).map(|service| service.sink_name()),
+                target_queues: if direct {
+                    let all = subscribers_in(&catalog, &args.entity);
+                    let to = if targets.is_empty() { &all } else { &targets };
+                    to.iter().map(|service| target_queue(namespace, service, &args.entity)).collect()
+                } else {
+                    Vec::new()
+                },
+                only_rejected_by: targets.first().filter(|_| args.only_rejected).map(|s| s.sink_name()),
                 chunk_size: args.chunk_size,
-                sinks: match target {
-                    Some(service) if service.sink.is_some() => vec![service.sink_name()],
-                    Some(_) => Vec::new(),
-                    None => sinks_in(&catalog, &args.entity).into_iter().map(|s| s.sink_name()).collect(),
-                },
+                sinks: receivers.iter().filter(|s| s.sink.is_some()).map(|s| s.sink_name()).collect(),
                 skip_unchanged: args.skip_unchanged,
-                paused_services: match (args.mode.as_str(), target) {
-                    ("pause-live", Some(service)) => vec![service.name.clone()],
-                    ("pause-live", None) => {
-                        sinks_in(&catalog, &args.entity).into_iter().map(|s| s.name.clone()).collect()
-                    }
-                    _ => Vec::new(),
+                paused_services: if args.mode == "pause-live" {
+                    receivers.iter().filter(|s| s.sink.is_some()).map(|s| s.name.clone()).collect()
+                } else {
+                    Vec::new()
                 },
+                readers: args.readers,
             };
             let id = resync_snapshotter::create(&pool, schema, namespace, source, &options).await?;
             println!("job {id}");
@@ -283,6 +292,62 @@ fn line(job: &Job) -> String {
     )
 }
 
+/// The services named with `--target-service`, each checked to exist and to subscribe to the
+/// entity on the resync stream.
+fn target_services<'a>(
+    catalog: &'a fare_config::Catalog,
+    args: &StartArgs,
+) -> Result<Vec<&'a fare_config::ServiceConfig>> {
+    let dir = args.config_dir.display();
+    args.target_service
+        .iter()
+        .map(|name| {
+            let service = catalog
+                .service(name)
+                .with_context(|| format!("--target-service: no service `{name}` in {dir}"))?;
+            anyhow::ensure!(
+                !resync_types(service, &args.entity).is_empty(),
+                "--target-service: `{name}` does not subscribe to `{}` events on the resync stream ({dir})",
+                args.entity
+            );
+            Ok(service)
+        })
+        .collect()
+}
+
+/// A subscriber's resync queue and the types of `entity_type` it takes there.
+fn target_queue(
+    namespace: Option<&str>,
+    service: &fare_config::ServiceConfig,
+    entity_type: &str,
+) -> resync_snapshotter::TargetQueue {
+    resync_snapshotter::TargetQueue {
+        queue: resync_bus::naming::queue_name(namespace, &service.name, Stream::Resync),
+        types: resync_types(service, entity_type),
+    }
+}
+
+/// The type patterns `service` subscribes to on the resync stream that cover `entity_type`.
+fn resync_types(service: &fare_config::ServiceConfig, entity_type: &str) -> Vec<String> {
+    let prefix = format!("{entity_type}.");
+    service
+        .subscriptions
+        .iter()
+        .filter(|sub| sub.streams.contains(&Stream::Resync))
+        .flat_map(|sub| sub.types.iter())
+        .filter(|t| t.as_str() == "*" || t.starts_with(&prefix))
+        .cloned()
+        .collect()
+}
+
+/// The services subscribing to some type of `entity_type` on the resync stream.
+fn subscribers_in<'a>(
+    catalog: &'a fare_config::Catalog,
+    entity_type: &str,
+) -> Vec<&'a fare_config::ServiceConfig> {
+    catalog.services.iter().filter(|s| !resync_types(s, entity_type).is_empty()).collect()
+}
+
 /// The sinks of the services subscribing to some type of `entity_type` on the resync stream.
 fn sinks_of(config_dir: &std::path::Path, entity_type: &str) -> Result<Vec<String>> {
     let catalog = fare_config::load_dir(config_dir)?;
@@ -291,15 +356,5 @@ fn sinks_of(config_dir: &std::path::Path, entity_type: &str) -> Result<Vec<Strin
 
 /// The services with a sink subscribing to some type of `entity_type` on the resync stream.
 fn sinks_in<'a>(catalog: &'a fare_config::Catalog, entity_type: &str) -> Vec<&'a fare_config::ServiceConfig> {
-    let prefix = format!("{entity_type}.");
-    catalog
-        .services
-        .iter()
-        .filter(|s| s.sink.is_some())
-        .filter(|s| {
-            s.subscriptions.iter().any(|sub| {
-                sub.streams.contains(&Stream::Resync) && sub.types.iter().any(|t| t.starts_with(&prefix))
-            })
-        })
-        .collect()
+    subscribers_in(catalog, entity_type).into_iter().filter(|s| s.sink.is_some()).collect()
 }

@@ -15,8 +15,9 @@
 //! A published job completes once its sinks applied every row ([`await_completion`], read from
 //! the consumers' applied versions, so nothing extra is written per event).
 //!
-//! Still to come (see the issue): `pause-live` mode, `--skip-unchanged`, parallel readers
-//! sharing one exported snapshot.
+//! Parallel readers: the source is split into key ranges when a job first runs; each range is
+//! read by its own reader with its own checkpoint, all in one exported snapshot
+//! (`pg_export_snapshot`), so the rows published are the table as of one instant.
 
 mod query;
 
@@ -24,10 +25,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use fare_config::SourceSpec;
-use resync_bus::{Destination, Envelope, OutgoingMessage, Stream, Transport, TransportError};
+use futures::{StreamExt, TryStreamExt};
+use resync_bus::{Destination, Envelope, Filter, OutgoingMessage, Stream, Transport, TransportError};
 use resync_migrations::Schema;
 use serde::{Deserialize, Serialize};
-use sqlx::{PgPool, Row};
+use sqlx::{AssertSqlSafe, PgPool, Row};
 use tokio::time::Instant;
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -66,7 +68,7 @@ pub struct JobSpec {
     pub entity_type: String,
     /// The source query, built and checked against the catalog when the job was created.
     pub query: SourceQuery,
-    /// Where events go: the entity's resync topic, or one service's queue.
+    /// Where events go: the entity's resync topic, or straight to subscribers' queues.
     pub destination: JobDestination,
     /// Most rows published per second (`None`: as fast as the broker confirms).
     pub rate: Option<f64>,
@@ -82,21 +84,58 @@ pub struct JobSpec {
     /// Consumers skip the sink call for an entity whose content equals what the sink has.
     #[serde(default)]
     pub skip_unchanged: bool,
+    /// Key ranges read in parallel, each by its own reader, all in one exported snapshot.
+    #[serde(default = "one")]
+    pub readers: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobDestination {
+    /// The entity's resync topic (exchange): every subscriber gets what its binding asks for.
     Topic(String),
-    Queue(String),
+    /// Straight to these queues, skipping the topic: one SendMessageBatch per ten events and
+    /// queue on SQS (no SNS publish quota spent), the default exchange on RabbitMQ.
+    Queues(Vec<TargetQueue>),
+}
+
+/// A subscriber's resync queue and the event types its subscription takes (patterns as in
+/// service configs: `listing.updated`, `listing.*`, `*`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetQueue {
+    pub queue: String,
+    pub types: Vec<String>,
 }
 
 impl JobDestination {
-    fn destination(&self) -> Destination {
+    /// Publishes one chunk; to several queues at once, each with the events it subscribes to.
+    async fn publish(&self, transport: &dyn Transport, messages: Vec<OutgoingMessage>) -> Result<()> {
         match self {
-            JobDestination::Topic(t) => Destination::Topic(t.clone()),
-            JobDestination::Queue(q) => Destination::Queue(q.clone()),
+            JobDestination::Topic(topic) => {
+                transport.publish_batch(&Destination::Topic(topic.clone()), messages).await?;
+            }
+            JobDestination::Queues(queues) => {
+                let sends = queues.iter().map(|target| {
+                    let filter = Filter::types(target.types.clone());
+                    let wanted: Vec<OutgoingMessage> =
+                        messages.iter().filter(|m| filter.matches(&m.routing_key)).cloned().collect();
+                    let destination = Destination::Queue(target.queue.clone());
+                    async move {
+                        if wanted.is_empty() {
+                            Ok(())
+                        } else {
+                            transport.publish_batch(&destination, wanted).await
+                        }
+                    }
+                });
+                futures::future::try_join_all(sends).await?;
+            }
         }
+        Ok(())
     }
 }
 
@@ -107,8 +146,8 @@ pub struct JobOptions {
     /// no `;`).
     pub filter: Option<String>,
     pub rate: Option<f64>,
-    /// Send straight to this service's resync queue instead of the topic (one subscriber).
-    pub target_queue: Option<String>,
+    /// Send straight to these resync queues instead of the topic (none: the topic).
+    pub target_queues: Vec<TargetQueue>,
     /// Only the entities this sink had an event of dead-lettered (the consumer records them).
     pub only_rejected_by: Option<String>,
     pub chunk_size: i64,
@@ -118,6 +157,8 @@ pub struct JobOptions {
     pub paused_services: Vec<String>,
     /// Let consumers skip entities whose content the sink already has (no API call).
     pub skip_unchanged: bool,
+    /// Parallel readers (key ranges), sharing one snapshot.
+    pub readers: u32,
 }
 
 impl Default for JobOptions {
@@ -125,15 +166,20 @@ impl Default for JobOptions {
         Self {
             filter: None,
             rate: None,
-            target_queue: None,
+            target_queues: Vec::new(),
             only_rejected_by: None,
             chunk_size: 1000,
             sinks: Vec::new(),
             paused_services: Vec::new(),
             skip_unchanged: false,
+            readers: DEFAULT_READERS,
         }
     }
 }
+
+/// Readers per job unless asked otherwise: enough to keep a broker busy while one reader waits
+/// on Postgres, few enough to leave the pool room.
+pub const DEFAULT_READERS: u32 = 4;
 
 /// A job as stored.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -141,7 +187,6 @@ pub struct Job {
     pub id: Uuid,
     pub entity_type: String,
     pub status: String,
-    pub checkpoint: Option<String>,
     pub emitted: i64,
     pub total: Option<i64>,
     /// Rows every sink has accounted for (see [`await_completion`]).
@@ -179,11 +224,10 @@ pub async fn create(
 ) -> Result<Uuid> {
     let rejected = options.only_rejected_by.as_deref().map(|sink| query::Rejected { schema, sink });
     let query = SourceQuery::build(pool, source, options.filter.as_deref(), rejected).await?;
-    let destination = match &options.target_queue {
-        Some(queue) => JobDestination::Queue(queue.clone()),
-        None => {
-            JobDestination::Topic(resync_bus::naming::topic_name(namespace, &source.entity, Stream::Resync))
-        }
+    let destination = if options.target_queues.is_empty() {
+        JobDestination::Topic(resync_bus::naming::topic_name(namespace, &source.entity, Stream::Resync))
+    } else {
+        JobDestination::Queues(options.target_queues.clone())
     };
     let spec = JobSpec {
         entity_type: source.entity.clone(),
@@ -194,6 +238,7 @@ pub async fn create(
         sinks: options.sinks.clone(),
         paused_services: options.paused_services.clone(),
         skip_unchanged: options.skip_unchanged,
+        readers: options.readers.max(1),
     };
     let id = Uuid::now_v7();
     let spec_json = serde_json::to_value(&spec).map_err(|e| JobError::Source {
@@ -214,14 +259,14 @@ pub async fn create(
     Ok(id)
 }
 
-const JOB_COLUMNS: &str = "id, entity_type, status, checkpoint, emitted, total, applied, error, created_at, updated_at, finished_at";
+const JOB_COLUMNS: &str =
+    "id, entity_type, status, emitted, total, applied, error, created_at, updated_at, finished_at";
 
 fn job_of(row: &sqlx::postgres::PgRow) -> std::result::Result<Job, sqlx::Error> {
     Ok(Job {
         id: row.try_get("id")?,
         entity_type: row.try_get("entity_type")?,
         status: row.try_get("status")?,
-        checkpoint: row.try_get("checkpoint")?,
         emitted: row.try_get("emitted")?,
         total: row.try_get("total")?,
         applied: row.try_get("applied")?,
@@ -265,8 +310,8 @@ pub async fn transition(pool: &PgPool, schema: &Schema, id: Uuid, from: &[&str],
 }
 
 /// Runs a `running` job to its end (or until it is paused or cancelled): reads its source in
-/// one snapshot from its checkpoint on, publishes each chunk, checkpoints it. Returns the job
-/// as it stands after.
+/// one snapshot, range by range in parallel, from each range's checkpoint on, publishes each
+/// chunk and checkpoints it. Returns the job as it stands after.
 pub async fn run(pool: &PgPool, schema: &Schema, transport: &dyn Transport, id: Uuid) -> Result<Job> {
     let job = get(pool, schema, id).await?;
     if job.status != "running" {
@@ -274,31 +319,136 @@ pub async fn run(pool: &PgPool, schema: &Schema, transport: &dyn Transport, id: 
         return Err(JobError::State { id, status: job.status, hint });
     }
     let spec = load_spec(pool, schema, id).await?;
-    // One snapshot for the whole run: every row as of one instant, however long the run.
-    let mut reader = open_snapshot(pool).await?;
+    // One snapshot for the whole run: every row as of one instant, however long the run. The
+    // readers import it; this transaction keeps it alive until they are done.
+    let mut snapshot = open_snapshot(pool).await?;
     if job.total.is_none() {
-        let total = spec.query.count(&mut reader).await?;
-        let sql = schema.sql("UPDATE {schema}.jobs SET total = $2 WHERE id = $1");
-        sqlx::query(sql).bind(id).bind(total).execute(pool).await.map_err(db("recording the total"))?;
+        plan_ranges(pool, schema, &mut snapshot, id, &spec).await?;
     }
-    let destination = spec.destination.destination();
-    let mut pacer = Pacer::new(spec.rate);
-    let mut checkpoint = job.checkpoint.clone();
-    loop {
-        let rows = spec.query.chunk(&mut reader, checkpoint.as_deref(), spec.chunk_size).await?;
-        let Some(last) = rows.last().map(|r| r.id.clone()) else {
-            return finish(pool, schema, id).await;
-        };
-        pacer.wait(rows.len()).await;
-        let sent: Vec<(String, i64)> = rows.iter().map(|r| (r.id.clone(), r.version)).collect();
-        let messages =
-            rows.into_iter().map(|row| row.message(&spec.entity_type, id, spec.skip_unchanged)).collect();
-        transport.publish_batch(&destination, messages).await?;
-        if !save_checkpoint(pool, schema, id, &last, &sent).await? {
-            info!(job = %id, "job paused or cancelled; stopping after the chunk in flight");
-            return get(pool, schema, id).await;
+    let snapshot_id: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
+        .fetch_one(&mut *snapshot)
+        .await
+        .map_err(db("exporting the snapshot"))?;
+    let ranges = pending_ranges(pool, schema, id).await?;
+    // Each reader holds a connection for its range; leave two for the snapshot and checkpoints.
+    let readers = (pool.options().get_max_connections() as usize).saturating_sub(2).max(1);
+    let run = RangeRun { pool, schema, transport, id, spec: &spec, snapshot: &snapshot_id };
+    let pacer = tokio::sync::Mutex::new(Pacer::new(spec.rate));
+    let outcomes: Vec<RangeEnd> =
+        futures::stream::iter(ranges.into_iter().map(|range| run.read(range, &pacer)))
+            .buffer_unordered(readers)
+            .try_collect()
+            .await?;
+    drop(snapshot);
+    if outcomes.contains(&RangeEnd::Stopped) {
+        info!(job = %id, "job paused or cancelled; stopped after the chunks in flight");
+        return get(pool, schema, id).await;
+    }
+    finish(pool, schema, id).await
+}
+
+/// A key range of a job, as stored in `job_ranges`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct Range {
+    range_no: i32,
+    after_id: Option<String>,
+    upto_id: Option<String>,
+    checkpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RangeEnd {
+    Done,
+    /// The job was paused or cancelled meanwhile.
+    Stopped,
+}
+
+/// Counts the job's rows and splits them into ranges, in the run's snapshot; records both in
+/// one transaction, so a runner killed before that plans again.
+async fn plan_ranges(
+    pool: &PgPool,
+    schema: &Schema,
+    snapshot: &mut sqlx::PgConnection,
+    id: Uuid,
+    spec: &JobSpec,
+) -> Result<()> {
+    let total = spec.query.count(snapshot).await?;
+    let points = spec.query.split_points(snapshot, total, i64::from(spec.readers)).await?;
+    let mut bounds: Vec<Option<String>> = vec![None];
+    bounds.extend(points.into_iter().map(Some));
+    bounds.push(None);
+    let (afters, uptos): (Vec<Option<String>>, Vec<Option<String>>) =
+        bounds.windows(2).map(|pair| (pair[0].clone(), pair[1].clone())).unzip();
+    let mut tx = pool.begin().await.map_err(db("planning the job's ranges"))?;
+    let sql = schema.sql(
+        "INSERT INTO {schema}.job_ranges (job_id, range_no, after_id, upto_id) \
+         SELECT $1, (n - 1)::int, a, u FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS r(a, u, n)",
+    );
+    sqlx::query(sql)
+        .bind(id)
+        .bind(&afters)
+        .bind(&uptos)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("planning the job's ranges"))?;
+    let sql = schema.sql("UPDATE {schema}.jobs SET total = $2 WHERE id = $1");
+    sqlx::query(sql).bind(id).bind(total).execute(&mut *tx).await.map_err(db("recording the total"))?;
+    tx.commit().await.map_err(db("planning the job's ranges"))?;
+    info!(job = %id, total, ranges = afters.len(), "source counted and split");
+    Ok(())
+}
+
+async fn pending_ranges(pool: &PgPool, schema: &Schema, id: Uuid) -> Result<Vec<Range>> {
+    let sql = schema.sql(
+        "SELECT range_no, after_id, upto_id, checkpoint FROM {schema}.job_ranges \
+         WHERE job_id = $1 AND NOT done ORDER BY range_no",
+    );
+    sqlx::query_as(sql).bind(id).fetch_all(pool).await.map_err(db("reading the job's ranges"))
+}
+
+/// What every reader of one run shares.
+struct RangeRun<'a> {
+    pool: &'a PgPool,
+    schema: &'a Schema,
+    transport: &'a dyn Transport,
+    id: Uuid,
+    spec: &'a JobSpec,
+    /// The exported snapshot every reader imports.
+    snapshot: &'a str,
+}
+
+impl RangeRun<'_> {
+    /// Publishes one range chunk by chunk from its checkpoint, in the shared snapshot.
+    async fn read(&self, range: Range, pacer: &tokio::sync::Mutex<Pacer>) -> Result<RangeEnd> {
+        let mut reader = import_snapshot(self.pool, self.snapshot).await?;
+        let size = self.spec.chunk_size;
+        let mut checkpoint = range.checkpoint.clone().or_else(|| range.after_id.clone());
+        loop {
+            let rows = self
+                .spec
+                .query
+                .chunk(&mut reader, checkpoint.as_deref(), range.upto_id.as_deref(), size)
+                .await?;
+            let last = rows.last().map(|r| r.id.clone());
+            let done = (rows.len() as i64) < size;
+            if !rows.is_empty() {
+                pacer.lock().await.wait(rows.len()).await;
+                let sent: Vec<(String, i64)> = rows.iter().map(|r| (r.id.clone(), r.version)).collect();
+                let (entity_type, id, skip) = (&self.spec.entity_type, self.id, self.spec.skip_unchanged);
+                let messages = rows.into_iter().map(|row| row.message(entity_type, id, skip)).collect();
+                self.spec.destination.publish(self.transport, messages).await?;
+                let saved = Saved { range: range.range_no, last: last.as_deref(), done, sent: &sent };
+                if !save_checkpoint(self.pool, self.schema, self.id, saved).await? {
+                    return Ok(RangeEnd::Stopped);
+                }
+            } else if !save_checkpoint(self.pool, self.schema, self.id, Saved::empty(range.range_no)).await? {
+                return Ok(RangeEnd::Stopped);
+            }
+            if done {
+                return Ok(RangeEnd::Done);
+            }
+            checkpoint = last;
         }
-        checkpoint = Some(last);
     }
 }
 
@@ -309,6 +459,26 @@ async fn open_snapshot(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx:
         .execute(&mut *tx)
         .await
         .map_err(db("opening the snapshot"))?;
+    Ok(tx)
+}
+
+/// A read-only transaction on a snapshot another transaction exported (`pg_export_snapshot`).
+async fn import_snapshot(
+    pool: &PgPool,
+    snapshot: &str,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    // Postgres takes no parameter here; an exported snapshot id is hex digits and dashes.
+    if !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        return Err(JobError::Source {
+            table: String::new(),
+            problem: format!("odd snapshot id `{snapshot}`"),
+        });
+    }
+    let mut tx = open_snapshot(pool).await?;
+    sqlx::query(AssertSqlSafe(format!("SET TRANSACTION SNAPSHOT '{snapshot}'")))
+        .execute(&mut *tx)
+        .await
+        .map_err(db("importing the job's snapshot"))?;
     Ok(tx)
 }
 
@@ -323,16 +493,26 @@ pub async fn load_spec(pool: &PgPool, schema: &Schema, id: Uuid) -> Result<JobSp
     })
 }
 
+/// A confirmed chunk of one range.
+struct Saved<'a> {
+    range: i32,
+    /// The chunk's last id (none for an empty chunk: the range had nothing left).
+    last: Option<&'a str>,
+    /// The range has no rows after this chunk.
+    done: bool,
+    sent: &'a [(String, i64)],
+}
+
+impl Saved<'_> {
+    fn empty(range: i32) -> Self {
+        Saved { range, last: None, done: true, sent: &[] }
+    }
+}
+
 /// Records a confirmed chunk and what it sent, in one transaction; `false` if the job is no
 /// longer running (paused, cancelled).
-async fn save_checkpoint(
-    pool: &PgPool,
-    schema: &Schema,
-    id: Uuid,
-    last: &str,
-    sent: &[(String, i64)],
-) -> Result<bool> {
-    let (ids, versions): (Vec<&str>, Vec<i64>) = sent.iter().map(|(i, v)| (i.as_str(), *v)).unzip();
+async fn save_checkpoint(pool: &PgPool, schema: &Schema, id: Uuid, saved: Saved<'_>) -> Result<bool> {
+    let (ids, versions): (Vec<&str>, Vec<i64>) = saved.sent.iter().map(|(i, v)| (i.as_str(), *v)).unzip();
     let mut tx = pool.begin().await.map_err(db("saving the checkpoint"))?;
     // A chunk sent again after a crash may meet its rows: keep the newer version.
     let rows_sql = schema.sql(
@@ -346,14 +526,25 @@ async fn save_checkpoint(
         .execute(&mut *tx)
         .await
         .map_err(db("recording sent rows"))?;
+    let range_sql = schema.sql(
+        "UPDATE {schema}.job_ranges SET checkpoint = COALESCE($3, checkpoint), done = $4 \
+         WHERE job_id = $1 AND range_no = $2",
+    );
+    sqlx::query(range_sql)
+        .bind(id)
+        .bind(saved.range)
+        .bind(saved.last)
+        .bind(saved.done)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("saving the checkpoint"))?;
     let sql = schema.sql(
-        "UPDATE {schema}.jobs SET checkpoint = $2, emitted = emitted + $3, updated_at = clock_timestamp() \
+        "UPDATE {schema}.jobs SET emitted = emitted + $2, updated_at = clock_timestamp() \
          WHERE id = $1 RETURNING status",
     );
     let status: String = sqlx::query_scalar(sql)
         .bind(id)
-        .bind(last)
-        .bind(sent.len() as i64)
+        .bind(saved.sent.len() as i64)
         .fetch_one(&mut *tx)
         .await
         .map_err(db("saving the checkpoint"))?;
@@ -537,7 +728,7 @@ pub async fn verify(pool: &PgPool, schema: &Schema, id: Uuid, sink: &str) -> Res
     let mut report = Verification { sink: sink.to_string(), checked: 0, drift: Vec::new(), drift_count: 0 };
     let mut checkpoint: Option<String> = None;
     loop {
-        let rows = spec.query.chunk(&mut reader, checkpoint.as_deref(), 1000).await?;
+        let rows = spec.query.chunk(&mut reader, checkpoint.as_deref(), None, 1000).await?;
         let Some(last) = rows.last().map(|r| r.id.clone()) else { return Ok(report) };
         let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
         let applied: std::collections::HashMap<String, i64> = sqlx::query_as(applied_sql.clone())

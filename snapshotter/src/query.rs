@@ -12,11 +12,15 @@ use crate::{JobError, Result, SourceRow, db};
 /// The statements a job runs against its source.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceQuery {
-    /// The first chunk: `$1` is the chunk size.
-    pub first: String,
-    /// Every later chunk: `$1` the last id of the previous chunk (as text), `$2` the size.
-    pub after: String,
+    /// A range's first chunk: `$1` is the chunk size, `$2` the range's last id (as text, NULL:
+    /// the table's end).
+    pub first_in_range: String,
+    /// Every later chunk: `$1` the last id of the previous chunk (as text), `$2` the size, `$3`
+    /// the range's last id (NULL: the table's end).
+    pub after_in_range: String,
     pub count: String,
+    /// Every `$1`-th id in id order (as text), at most `$2` of them: where ranges split.
+    pub split_points: String,
 }
 
 /// Limits a job to the entities a sink had dead-lettered (table `dead_lettered_entities`).
@@ -105,10 +109,18 @@ impl SourceQuery {
             "SELECT {id}::text AS id, {}::bigint AS version, {deleted} AS deleted, {data} AS data FROM {table}",
             quote(&source.version_column)
         );
+        let upto = |n: u8| format!("(${n}::text IS NULL OR {id} <= CAST(${n} AS {id_type}))");
         let query = Self {
-            first: format!("{select} WHERE {filter} ORDER BY {id} LIMIT $1"),
-            after: format!("{select} WHERE {filter} AND {id} > CAST($1 AS {id_type}) ORDER BY {id} LIMIT $2"),
+            first_in_range: format!("{select} WHERE {filter} AND {} ORDER BY {id} LIMIT $1", upto(2)),
+            after_in_range: format!(
+                "{select} WHERE {filter} AND {id} > CAST($1 AS {id_type}) AND {} ORDER BY {id} LIMIT $2",
+                upto(3)
+            ),
             count: format!("SELECT count(*) FROM {table} WHERE {filter}"),
+            split_points: format!(
+                "SELECT id FROM (SELECT {id}::text AS id, row_number() OVER (ORDER BY {id}) AS n \
+                 FROM {table} WHERE {filter}) numbered WHERE n % $1 = 0 ORDER BY n LIMIT $2"
+            ),
         };
         query.check(pool, &source.table).await?;
         Ok(query)
@@ -119,14 +131,15 @@ impl SourceQuery {
     async fn check(&self, pool: &PgPool, table: &str) -> Result<()> {
         let failed = |e: sqlx::Error| JobError::Source { table: table.to_string(), problem: e.to_string() };
         let mut conn = pool.acquire().await.map_err(failed)?;
-        let first = self.chunk(&mut conn, None, 1).await?;
+        let first = self.chunk(&mut conn, None, None, 1).await?;
         if let Some(row) = first.first() {
-            self.chunk(&mut conn, Some(&row.id), 1).await?;
+            self.chunk(&mut conn, Some(&row.id), Some(&row.id), 1).await?;
         }
-        sqlx::query(AssertSqlSafe(format!("EXPLAIN {}", self.count)))
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(failed)?;
+        // Planned, not run: both read the whole table.
+        let count = sqlx::query(AssertSqlSafe(format!("EXPLAIN {}", self.count)));
+        count.fetch_all(&mut *conn).await.map_err(failed)?;
+        let split = sqlx::query(AssertSqlSafe(format!("EXPLAIN {}", self.split_points)));
+        split.bind(1_i64).bind(1_i64).fetch_all(&mut *conn).await.map_err(failed)?;
         Ok(())
     }
 
@@ -137,17 +150,46 @@ impl SourceQuery {
             .map_err(db("counting the source rows"))
     }
 
-    /// The next chunk after `checkpoint` (the first without one).
+    /// Where to split the source into `parts` ranges of about equal size: the last id of each
+    /// range but the last (fewer when the source has fewer rows than parts).
+    pub(crate) async fn split_points(
+        &self,
+        conn: &mut PgConnection,
+        total: i64,
+        parts: i64,
+    ) -> Result<Vec<String>> {
+        let step = (total + parts - 1) / parts.max(1);
+        if parts <= 1 || step == 0 {
+            return Ok(Vec::new());
+        }
+        sqlx::query_scalar(AssertSqlSafe(self.split_points.clone()))
+            .bind(step)
+            .bind(parts - 1)
+            .fetch_all(conn)
+            .await
+            .map_err(db("splitting the source into ranges"))
+    }
+
+    /// The next chunk after `checkpoint` (the first without one), up to and including `upto`
+    /// (the table's end without one).
     pub(crate) async fn chunk(
         &self,
         conn: &mut PgConnection,
         checkpoint: Option<&str>,
+        upto: Option<&str>,
         size: i64,
     ) -> Result<Vec<SourceRow>> {
         let rows = match checkpoint {
-            None => sqlx::query(AssertSqlSafe(self.first.clone())).bind(size).fetch_all(conn).await,
+            None => {
+                sqlx::query(AssertSqlSafe(self.first_in_range.clone()))
+                    .bind(size)
+                    .bind(upto)
+                    .fetch_all(conn)
+                    .await
+            }
             Some(last) => {
-                sqlx::query(AssertSqlSafe(self.after.clone())).bind(last).bind(size).fetch_all(conn).await
+                let query = sqlx::query(AssertSqlSafe(self.after_in_range.clone()));
+                query.bind(last).bind(size).bind(upto).fetch_all(conn).await
             }
         }
         .map_err(db("reading a chunk of the source"))?;

@@ -569,13 +569,18 @@ async fn live_updates(world: &mut World, step: usize, round: i64) {
 /// from `published` to `completed` once every row is applied at the sink, and the third party
 /// then equals the database with no stale overwrite. In `pause-live` mode the live stream is
 /// paused for the job and resumed at completion.
-async fn a_resync_job_completes_once_its_sink_applied_every_row(mode: &str) {
-    let mut world = World::new("rabbitmq", faulty_api(31)).await;
-    let (_, truth) = shuffled_history(2_000, 3, 0.0, 31);
+async fn a_resync_job_completes_once_its_sink_applied_every_row(
+    kind: &'static str,
+    rows: usize,
+    args: &[&str],
+) {
+    let mut world = World::new(kind, faulty_api(31)).await;
+    let (_, truth) = shuffled_history(rows, 3, 0.0, 31);
     world.seed(truth).await;
     let _consumers: Vec<Process> = (0..2).map(|_| world.consumer("15s")).collect();
 
-    let args = ["job", "start", "--entity", "listing", "--rate", "1000", "--mode", mode];
+    let mode = if args.contains(&"pause-live") { "pause-live" } else { "concurrent" };
+    let args = [&["job", "start", "--entity", "listing", "--rate", "1000"], args].concat();
     let mut job = Process(world.resync().args(args).stdout(Stdio::null()).spawn().expect("job start"));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     let paused = world.schema.sql("SELECT count(*) FROM {schema}.paused_streams WHERE service = 'sync'");
@@ -592,7 +597,7 @@ async fn a_resync_job_completes_once_its_sink_applied_every_row(mode: &str) {
         );
         if round < 3 {
             round += 1;
-            live_updates(&mut world, 100, round).await;
+            live_updates(&mut world, rows / 20, round).await;
         }
         let count: i64 = sqlx::query_scalar(paused.clone()).fetch_one(&world.pool).await.expect("paused");
         seen_paused |= count > 0;
@@ -607,7 +612,8 @@ async fn a_resync_job_completes_once_its_sink_applied_every_row(mode: &str) {
             .fetch_all(&world.pool)
             .await
             .expect("jobs");
-    assert_eq!(jobs, [("completed".to_string(), 2_000, Some(2_000), 2_000)]);
+    let rows = rows as i64;
+    assert_eq!(jobs, [("completed".to_string(), rows, Some(rows), rows)]);
 
     world.wait_until_equal(Duration::from_secs(60)).await;
     assert_no_stale_overwrite(&world).await;
@@ -616,12 +622,25 @@ async fn a_resync_job_completes_once_its_sink_applied_every_row(mode: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_concurrent_resync_job_completes_with_live_updates_flowing() {
-    a_resync_job_completes_once_its_sink_applied_every_row("concurrent").await;
+    a_resync_job_completes_once_its_sink_applied_every_row("rabbitmq", 2_000, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_live_resync_job_pauses_live_and_completes() {
-    a_resync_job_completes_once_its_sink_applied_every_row("pause-live").await;
+    a_resync_job_completes_once_its_sink_applied_every_row("rabbitmq", 2_000, &["--mode", "pause-live"])
+        .await;
+}
+
+/// On SNS/SQS, with `--direct`: the job sends straight to the subscriber's queue with
+/// SendMessageBatch (no SNS publish), live events keep flowing through SNS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sns_sqs_a_direct_resync_job_completes_with_live_updates_flowing() {
+    a_resync_job_completes_once_its_sink_applied_every_row("sns-sqs", 400, &["--direct"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sns_sqs_a_pause_live_resync_job_through_the_topic_completes() {
+    a_resync_job_completes_once_its_sink_applied_every_row("sns-sqs", 400, &["--mode", "pause-live"]).await;
 }
 
 /// Runs `resync job start` for listings with `extra` flags to its end.

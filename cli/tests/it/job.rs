@@ -137,7 +137,9 @@ impl Setup {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_killed_at_30_percent_resumes_from_its_checkpoint_and_misses_no_entity() {
     let setup = Setup::new(ROWS).await;
-    let start = ["job", "start", "--entity", "listing", "--rate", "2500", "--chunk-size", &CHUNK.to_string()];
+    let chunk = CHUNK.to_string();
+    let start =
+        ["job", "start", "--entity", "listing", "--rate", "2500", "--chunk-size", &chunk, "--readers", "4"];
     let mut first = Process(setup.resync().args(start).stdout(Stdio::null()).spawn().expect("start"));
     let progress = setup.schema.sql("SELECT id, emitted, total FROM {schema}.jobs");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -170,8 +172,8 @@ async fn a_job_killed_at_30_percent_resumes_from_its_checkpoint_and_misses_no_en
 
     let (seen, received) = setup.receive(job, ROWS).await;
     assert_eq!(seen.len(), ROWS, "every entity, once the job resumed");
-    // The chunk in flight at the kill may be sent twice; nothing more.
-    assert!(received - ROWS <= CHUNK as usize, "{received} events for {ROWS} rows");
+    // The chunk each of the 4 readers had in flight at the kill may be sent twice; nothing more.
+    assert!(received - ROWS <= 4 * CHUNK as usize, "{received} events for {ROWS} rows");
     setup.cleanup().await;
 }
 
@@ -262,5 +264,62 @@ async fn verify_lists_exactly_the_entities_a_sink_has_not_applied_at_their_sourc
         .map(|d| (d["entity_id"].as_str().expect("id"), d["applied_version"].as_i64()))
         .collect();
     assert_eq!(listed, [(missing, None), (behind, Some(setup.rows[behind].version - 1))]);
+    setup.cleanup().await;
+}
+
+/// Parallel readers share one exported snapshot: rows updated after a job started are published
+/// as they were when it started, also by the ranges read after the update (here one reader at a
+/// time, so ranges 2 to 4 start after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_readers_publish_the_table_as_of_one_snapshot() {
+    const ROWS: usize = 2000;
+    let setup = Setup::new(ROWS).await;
+    let catalog = fare_config::load_dir(&setup.config_dir).expect("config");
+    let source = catalog.services.iter().flat_map(|s| s.sources.iter()).next().expect("a source").clone();
+    let options = resync_snapshotter::JobOptions {
+        rate: Some(2000.0),
+        chunk_size: 100,
+        readers: 4,
+        ..Default::default()
+    };
+    let (pool, schema) = (setup.pool.clone(), setup.schema.clone());
+    let job = resync_snapshotter::create(&pool, &schema, Some(&setup.namespace), &source, &options)
+        .await
+        .expect("create the job");
+    // Room for the snapshot, one reader and the checkpoints: the four ranges run one after another.
+    let narrow =
+        sqlx::postgres::PgPoolOptions::new().max_connections(3).connect(&Service::Postgres.url()).await;
+    let narrow = narrow.expect("postgres");
+    let transport = setup.transport.clone();
+    let runner = tokio::spawn(async move {
+        resync_snapshotter::run(&narrow, &schema, transport.as_ref(), job).await.expect("run the job")
+    });
+    let progress = setup.schema.sql("SELECT emitted FROM {schema}.jobs");
+    loop {
+        let emitted: i64 =
+            sqlx::query_scalar(progress.clone()).fetch_one(&setup.pool).await.expect("progress");
+        if emitted > 0 {
+            break;
+        }
+        assert!(!runner.is_finished(), "the job ended before its first checkpoint was seen");
+        tokio::task::yield_now().await;
+    }
+    let bumped = setup.schema.sql("UPDATE {schema}.listings SET version = version + 100");
+    sqlx::query(bumped).execute(&setup.pool).await.expect("update every row");
+    let finished = runner.await.expect("runner");
+    assert_eq!((finished.status.as_str(), finished.emitted), ("published", ROWS as i64));
+    let ranges: Vec<(i32, bool)> = sqlx::query_as(
+        setup
+            .schema
+            .sql("SELECT range_no, done FROM {schema}.job_ranges WHERE job_id = $1 ORDER BY range_no"),
+    )
+    .bind(job)
+    .fetch_all(&setup.pool)
+    .await
+    .expect("ranges");
+    assert_eq!(ranges, [(0, true), (1, true), (2, true), (3, true)]);
+    // `receive` checks every event against the rows as they were before the update.
+    let (seen, received) = setup.receive(job, ROWS).await;
+    assert_eq!((seen.len(), received), (ROWS, ROWS));
     setup.cleanup().await;
 }
