@@ -8,7 +8,11 @@ use resync_bus::Transport;
 use resync_locks::{LockConfig, LockError, Locker};
 use resync_migrations::Schema;
 
+use resync_throttle::{AdaptiveConcurrency, ConcurrencyConfig, RateLimiterConfig, SharedRateLimiter};
+
+use crate::sink::Sink;
 use crate::sink::http::{HttpSink, HttpSinkConfig, HttpSinkConfigError};
+use crate::sink::throttled::ThrottledSink;
 use crate::{AppliedStore, Consumer, ConsumerConfig, Processor, RetryPolicy};
 
 /// Where a consumer keeps its state and how it locks, besides what the service config says.
@@ -36,6 +40,8 @@ pub enum BuildError {
     Database(#[from] sqlx::Error),
     #[error("cannot connect to Redis (RESYNC_REDIS_URL): {0}")]
     Locks(#[from] LockError),
+    #[error("{file}: [sink.rate_limit]: {source}", file = .file.display())]
+    Throttle { file: std::path::PathBuf, source: resync_throttle::ThrottleError },
 }
 
 /// The HTTP sink a service's `[sink]` section describes.
@@ -56,13 +62,51 @@ pub fn http_sink(service: &ServiceConfig) -> Result<HttpSink, BuildError> {
         .map_err(|source| BuildError::Sink { file: service.source_file.clone(), source })
 }
 
+/// The service's HTTP sink behind its shared rate limit and adaptive concurrency, as its
+/// config asks (either may be off).
+pub async fn throttled_sink(service: &ServiceConfig, runtime: &Runtime) -> Result<ThrottledSink, BuildError> {
+    let http = http_sink(service)?;
+    let sink_name = http.name().to_string();
+    let throttle_error = |source| BuildError::Throttle { file: service.source_file.clone(), source };
+    let limit = service.sink.as_ref().and_then(|s| s.rate_limit);
+    let rate = match limit {
+        Some(limit) => {
+            let config = RateLimiterConfig {
+                key_prefix: runtime.namespace.clone().unwrap_or_else(|| "resync".into()),
+                sink: sink_name.clone(),
+                max_rate: limit.per_second,
+                min_rate: limit.min_per_second,
+                burst: limit.burst,
+                // Back from the floor to the maximum in about 20 s without overload answers.
+                increase_per_sec: limit.per_second / 20.0,
+                ..RateLimiterConfig::default()
+            };
+            Some(SharedRateLimiter::connect(&runtime.redis_url, config).await.map_err(throttle_error)?)
+        }
+        None => None,
+    };
+    let concurrency = if service.consumer.adaptive_concurrency {
+        let config = ConcurrencyConfig {
+            sink: sink_name,
+            max: service.consumer.concurrency,
+            initial: service.consumer.concurrency.min(4),
+            ..ConcurrencyConfig::default()
+        };
+        Some(AdaptiveConcurrency::new(config).map_err(throttle_error)?)
+    } else {
+        None
+    };
+    let adaptive_rate = limit.is_some_and(|l| l.adaptive);
+    Ok(ThrottledSink::new(Box::new(http), rate, adaptive_rate, concurrency))
+}
+
 /// A consumer of every queue of `service`, applying to its HTTP sink.
 pub async fn build(
     service: &ServiceConfig,
     transport: Arc<dyn Transport>,
     runtime: &Runtime,
 ) -> Result<Consumer, BuildError> {
-    let sink = Arc::new(http_sink(service)?);
+    let sink = Arc::new(throttled_sink(service, runtime).await?);
     let queues = service.queues(runtime.namespace.as_deref());
     let Some((_, first)) = queues.first() else {
         return Err(BuildError::NoQueues { service: service.name.clone() });

@@ -2,6 +2,7 @@
 //! [`http::HttpSink`] covers REST APIs configured in the service config.
 
 pub mod http;
+pub mod throttled;
 
 use std::time::Duration;
 
@@ -26,6 +27,10 @@ pub enum SinkError {
     /// party's own hint, honoured over the backoff when longer.
     #[error("transient sink failure: {reason}")]
     Transient { reason: String, retry_after: Option<Duration> },
+    /// The third party says it is overloaded (429, 503): retried like `Transient`, and a signal
+    /// to send less (the shared rate and the adaptive concurrency go down).
+    #[error("sink overloaded: {reason}")]
+    Overloaded { reason: String, retry_after: Option<Duration> },
     /// The third party refused the write for good (a 4xx other than 408/425/429); the event
     /// goes to the dead-letter queue with this status and body.
     #[error("sink rejected the write with status {status}: {body}")]
@@ -34,12 +39,14 @@ pub enum SinkError {
 
 impl SinkError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, SinkError::Transient { .. })
+        matches!(self, SinkError::Transient { .. } | SinkError::Overloaded { .. })
     }
 
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            SinkError::Transient { retry_after, .. } => *retry_after,
+            SinkError::Transient { retry_after, .. } | SinkError::Overloaded { retry_after, .. } => {
+                *retry_after
+            }
             SinkError::Rejected { .. } => None,
         }
     }

@@ -188,6 +188,22 @@ pub struct SinkSpec {
     /// Values may reference env vars as `${VAR}`; resolved by the consumer at startup.
     pub headers: BTreeMap<String, String>,
     pub timeout: Duration,
+    /// A rate shared by every consumer of this sink (through Redis).
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+/// The third party's rate limit, shared by all consumers of a sink, however many run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimitSpec {
+    /// Requests per second in total: the most the sink ever sees.
+    pub per_second: f64,
+    /// Requests that may go at once above the steady rate.
+    pub burst: u32,
+    /// Cut the shared rate on 429/503 and climb back while calls succeed, so a lower or
+    /// changing real limit is found without configuration.
+    pub adaptive: bool,
+    /// The floor of an adaptive rate.
+    pub min_per_second: f64,
 }
 
 /// How `resync consume` runs for this service (flags override).
@@ -196,11 +212,13 @@ pub struct ConsumerSpec {
     pub concurrency: usize,
     pub prefetch: u16,
     pub batch_size: usize,
+    /// Sink calls in flight adapt between 1 and `concurrency` (AIMD on 429/503 and latency).
+    pub adaptive_concurrency: bool,
 }
 
 impl Default for ConsumerSpec {
     fn default() -> Self {
-        Self { concurrency: 32, prefetch: 32, batch_size: 16 }
+        Self { concurrency: 32, prefetch: 32, batch_size: 16, adaptive_concurrency: false }
     }
 }
 
@@ -308,6 +326,22 @@ struct SinkFile {
     headers: BTreeMap<String, String>,
     /// Per-request timeout, e.g. `10s` (default).
     timeout: Option<String>,
+    /// The third party's rate limit, shared by every consumer of this sink through Redis.
+    rate_limit: Option<RateLimitFile>,
+}
+
+/// `[sink.rate_limit]`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct RateLimitFile {
+    /// Requests per second in total over all consumers (the most the third party sees).
+    per_second: f64,
+    /// Requests that may go at once above the steady rate (default 1).
+    burst: Option<u32>,
+    /// Cut the shared rate on 429/503 and climb back while calls succeed (default true).
+    adaptive: Option<bool>,
+    /// The lowest an adaptive rate goes (default 1% of `per_second`).
+    min_per_second: Option<f64>,
 }
 
 /// `resync consume` settings (flags override).
@@ -320,6 +354,9 @@ struct ConsumerFile {
     prefetch: Option<u16>,
     /// Events locked, read and recorded together (default 16).
     batch_size: Option<usize>,
+    /// Sink calls in flight adapt between 1 and `concurrency`: more while calls succeed, fewer
+    /// on 429/503 or rising latency (default false: always `concurrency`).
+    adaptive_concurrency: Option<bool>,
 }
 
 /// The JSON Schema of a service config file, as checked in at `docs/fare-config.schema.json`.
@@ -654,7 +691,38 @@ fn validate_sink(file: &Path, raw: SinkFile) -> Result<SinkSpec, ConfigError> {
             parse_duration(file, "sink.timeout", &text, Duration::from_millis(1), Duration::from_secs(300))?
         }
     };
-    Ok(SinkSpec { name: raw.name, url: raw.url, method, delete_method, headers: raw.headers, timeout })
+    let rate_limit = raw.rate_limit.map(|r| validate_rate_limit(file, r)).transpose()?;
+    Ok(SinkSpec {
+        name: raw.name,
+        url: raw.url,
+        method,
+        delete_method,
+        headers: raw.headers,
+        timeout,
+        rate_limit,
+    })
+}
+
+fn validate_rate_limit(file: &Path, raw: RateLimitFile) -> Result<RateLimitSpec, ConfigError> {
+    if !(raw.per_second.is_finite() && raw.per_second > 0.0) {
+        let problem = format!("{}: expected requests per second > 0", raw.per_second);
+        return Err(invalid(file, "sink.rate_limit.per_second", problem));
+    }
+    let min_per_second = raw.min_per_second.unwrap_or((raw.per_second / 100.0).max(0.1).min(raw.per_second));
+    if !(min_per_second > 0.0 && min_per_second <= raw.per_second) {
+        let problem = format!("{min_per_second}: expected > 0 and at most per_second ({})", raw.per_second);
+        return Err(invalid(file, "sink.rate_limit.min_per_second", problem));
+    }
+    let burst = raw.burst.unwrap_or(1);
+    if burst == 0 {
+        return Err(invalid(file, "sink.rate_limit.burst", "0: expected at least 1"));
+    }
+    Ok(RateLimitSpec {
+        per_second: raw.per_second,
+        burst,
+        adaptive: raw.adaptive.unwrap_or(true),
+        min_per_second,
+    })
 }
 
 fn validate_consumer(file: &Path, raw: ConsumerFile) -> Result<ConsumerSpec, ConfigError> {
@@ -663,6 +731,7 @@ fn validate_consumer(file: &Path, raw: ConsumerFile) -> Result<ConsumerSpec, Con
         concurrency: raw.concurrency.unwrap_or(defaults.concurrency),
         prefetch: raw.prefetch.unwrap_or(defaults.prefetch),
         batch_size: raw.batch_size.unwrap_or(defaults.batch_size),
+        adaptive_concurrency: raw.adaptive_concurrency.unwrap_or(defaults.adaptive_concurrency),
     };
     if !(1..=4096).contains(&spec.concurrency) {
         return Err(invalid(

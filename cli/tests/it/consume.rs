@@ -299,6 +299,39 @@ async fn a_consumer_killed_with_sigkill_mid_stream_loses_nothing() {
     world.cleanup().await;
 }
 
+/// Four consumer processes share one rate limit through Redis: the third party never sees more
+/// than the configured rate in total (here 150 writes/s over any second), and everything is
+/// applied. Each process also adapts its concurrency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_processes_share_the_sinks_rate_limit() {
+    const RATE: usize = 150;
+    let mut world = World::new("rabbitmq", ApiConfig::default()).await;
+    let mut config =
+        std::fs::OpenOptions::new().append(true).open(world.config_dir.join("sync.toml")).expect("config");
+    // The file ends in its [consumer] table.
+    let limit = format!("adaptive_concurrency = true\n[sink.rate_limit]\nper_second = {RATE}\n");
+    std::io::Write::write_all(&mut config, limit.as_bytes()).expect("append the rate limit");
+    let (events, truth) = shuffled_history(3 * RATE, 1, 0.0, 8);
+    world.publish(&events, truth).await;
+    let _consumers: Vec<Process> = (0..4).map(|_| world.consumer("15s")).collect();
+    world.wait_until_equal(Duration::from_secs(120)).await;
+
+    let mut times: Vec<chrono::DateTime<chrono::Utc>> =
+        world.client.log_all().await.expect("apisim log").into_iter().map(|w| w.at).collect();
+    times.sort();
+    assert_eq!(times.len(), 3 * RATE, "one write per entity");
+    // The busiest one-second window: the GCRA admits `RATE` per second plus a burst of 1; the
+    // simulator stamps writes after the network, whose jitter can bunch a few admitted a
+    // moment apart (2% plus 2 allowed for it).
+    let busiest = (0..times.len())
+        .map(|i| times[i..].iter().take_while(|t| **t - times[i] < chrono::TimeDelta::seconds(1)).count())
+        .max()
+        .unwrap_or(0);
+    assert!(busiest <= RATE + 1 + RATE / 50 + 2, "{busiest} writes within one second, limit {RATE}/s");
+    assert_no_stale_overwrite(&world).await;
+    world.cleanup().await;
+}
+
 /// A frozen process (SIGSTOP: a GC pause, a VM stall) cannot renew its locks: others take the
 /// entities over while its calls are still in flight. Writes that land late at the third party
 /// are repaired by the compare-and-set, so the final state still equals the database.
@@ -545,8 +578,9 @@ async fn sns_sqs_dead_letters_are_redriven_after_the_sink_is_fixed() {
 async fn live_updates(world: &mut World, step: usize, round: i64) {
     let topic =
         Destination::Topic(resync_bus::naming::topic_name(Some(&world.namespace), "listing", Stream::Live));
-    let ids: Vec<String> = world.truth.keys().step_by(step).cloned().collect();
+    let ids: Vec<String> = world.truth.keys().step_by(step.max(1)).cloned().collect();
     let mut messages = Vec::new();
+    let mut tx = world.pool.begin().await.expect("begin");
     for id in ids {
         let Some(old) = world.truth.get(&id) else { continue };
         let new = Expected {
@@ -554,25 +588,43 @@ async fn live_updates(world: &mut World, step: usize, round: i64) {
             deleted: false,
             data: serde_json::json!({"title": format!("{id} live {round}"), "price": round}),
         };
-        let mut conn = world.pool.acquire().await.expect("connection");
-        world.source.upsert(&mut conn, &id, &new).await.expect("source row");
+        world.source.upsert(&mut tx, &id, &new).await.expect("source row");
         let mut event = Envelope::new("listing.updated", id.clone(), new.version, new.data.clone());
         event.stream = Stream::Live;
         messages.push(OutgoingMessage::from_envelope(&event));
         world.truth.insert(id, new);
     }
-    world.transport.publish_batch(&topic, messages).await.expect("publish live updates");
+    tx.commit().await.expect("commit live updates");
+    for chunk in messages.chunks(500) {
+        world.transport.publish_batch(&topic, chunk.to_vec()).await.expect("publish live updates");
+    }
+}
+
+/// How big the resync-with-live-updates runs are: 2,000 rows by default (the test suite);
+/// `RESYNC_JOB_ROWS=100000` gives the full-size run (see BENCHMARKS.md).
+fn job_rows(default: usize) -> usize {
+    std::env::var("RESYNC_JOB_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The job's progress: (emitted, total).
+async fn job_progress(world: &World) -> Option<(uuid::Uuid, i64, i64)> {
+    let sql = world.schema.sql("SELECT id, emitted, total FROM {schema}.jobs WHERE total IS NOT NULL");
+    let row: Option<(uuid::Uuid, i64, Option<i64>)> =
+        sqlx::query_as(sql).fetch_optional(&world.pool).await.expect("job progress");
+    row.map(|(id, emitted, total)| (id, emitted, total.unwrap_or(0)))
 }
 
 /// A resync job over a table the third party has never seen, while 1% of the rows change and
-/// are published live every round: consumers apply both streams with faults on, the job moves
+/// are published live every second: consumers apply both streams with faults on, the job moves
 /// from `published` to `completed` once every row is applied at the sink, and the third party
-/// then equals the database with no stale overwrite. In `pause-live` mode the live stream is
-/// paused for the job and resumed at completion.
+/// then equals the database with no stale overwrite and `job verify` finds no drift. In
+/// `pause-live` mode the live stream is paused for the job and resumed at completion. With
+/// `kill_at_30`, the job process is SIGKILLed at 30% and the job resumed by another.
 async fn a_resync_job_completes_once_its_sink_applied_every_row(
     kind: &'static str,
     rows: usize,
     args: &[&str],
+    kill_at_30: bool,
 ) {
     let mut world = World::new(kind, faulty_api(31)).await;
     let (_, truth) = shuffled_history(rows, 3, 0.0, 31);
@@ -580,12 +632,13 @@ async fn a_resync_job_completes_once_its_sink_applied_every_row(
     let _consumers: Vec<Process> = (0..2).map(|_| world.consumer("15s")).collect();
 
     let mode = if args.contains(&"pause-live") { "pause-live" } else { "concurrent" };
-    let args = [&["job", "start", "--entity", "listing", "--rate", "1000"], args].concat();
+    let rate = (rows / 20).max(1000).to_string();
+    let args = [&["job", "start", "--entity", "listing", "--rate", &rate], args].concat();
     let mut job = Process(world.resync().args(args).stdout(Stdio::null()).spawn().expect("job start"));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180 + rows as u64 / 200);
     let paused = world.schema.sql("SELECT count(*) FROM {schema}.paused_streams WHERE service = 'sync'");
-    let mut round = 0;
-    let mut seen_paused = false;
+    let (mut round, mut killed, mut seen_paused) = (0, false, false);
+    let mut next_round = tokio::time::Instant::now();
     let status = loop {
         if let Some(status) = job.0.try_wait().expect("job process") {
             break status;
@@ -595,52 +648,80 @@ async fn a_resync_job_completes_once_its_sink_applied_every_row(
             "the job did not complete\n{}",
             world.consumer_logs()
         );
-        if round < 3 {
+        if tokio::time::Instant::now() >= next_round {
             round += 1;
-            live_updates(&mut world, rows / 20, round).await;
+            live_updates(&mut world, 100, round).await;
+            next_round += Duration::from_secs(1);
+        }
+        if kill_at_30
+            && !killed
+            && let Some((id, emitted, total)) = job_progress(&world).await
+            && emitted * 10 >= total * 3
+        {
+            job.0.kill().expect("SIGKILL the job");
+            let _ = job.0.wait();
+            killed = true;
+            let resume = ["job", "resume", &id.to_string()];
+            job = Process(world.resync().args(resume).stdout(Stdio::null()).spawn().expect("job resume"));
         }
         let count: i64 = sqlx::query_scalar(paused.clone()).fetch_one(&world.pool).await.expect("paused");
         seen_paused |= count > 0;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(status.success(), "resync job start failed");
+    assert!(status.success(), "resync job failed");
+    assert_eq!(killed, kill_at_30, "the job was killed at 30% only when asked to");
     assert_eq!(seen_paused, mode == "pause-live", "live is paused during the job only in pause-live mode");
     let count: i64 = sqlx::query_scalar(paused).fetch_one(&world.pool).await.expect("paused");
     assert_eq!(count, 0, "live is resumed when the job completes");
-    let jobs: Vec<(String, i64, Option<i64>, i64)> =
-        sqlx::query_as(world.schema.sql("SELECT status, emitted, total, applied FROM {schema}.jobs"))
+    let jobs: Vec<(uuid::Uuid, String, i64, Option<i64>, i64)> =
+        sqlx::query_as(world.schema.sql("SELECT id, status, emitted, total, applied FROM {schema}.jobs"))
             .fetch_all(&world.pool)
             .await
             .expect("jobs");
+    let [(id, status, emitted, total, applied)] = &jobs[..] else { panic!("one job: {jobs:?}") };
     let rows = rows as i64;
-    assert_eq!(jobs, [("completed".to_string(), rows, Some(rows), rows)]);
+    assert_eq!((status.as_str(), *total, *applied), ("completed", Some(rows), rows));
+    // A killed job re-sends at most the chunk each reader had in flight.
+    assert!(*emitted >= rows && *emitted <= rows + 4 * 1000, "{emitted} published for {rows} rows");
 
-    world.wait_until_equal(Duration::from_secs(60)).await;
+    world.wait_until_equal(Duration::from_secs(60 + rows as u64 / 500)).await;
     assert_no_stale_overwrite(&world).await;
+    let verified = world.resync().args(["job", "verify", &id.to_string()]).output().expect("job verify");
+    let report = String::from_utf8_lossy(&verified.stdout);
+    assert!(verified.status.success(), "verify found drift: {report}");
+    assert!(report.contains(&format!("sync: {rows} entities checked, 0 drifting")), "{report}");
     world.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_concurrent_resync_job_completes_with_live_updates_flowing() {
-    a_resync_job_completes_once_its_sink_applied_every_row("rabbitmq", 2_000, &[]).await;
+    a_resync_job_completes_once_its_sink_applied_every_row("rabbitmq", job_rows(2_000), &[], false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_live_resync_job_pauses_live_and_completes() {
-    a_resync_job_completes_once_its_sink_applied_every_row("rabbitmq", 2_000, &["--mode", "pause-live"])
-        .await;
+    let args = &["--mode", "pause-live"];
+    a_resync_job_completes_once_its_sink_applied_every_row("rabbitmq", job_rows(2_000), args, false).await;
 }
 
-/// On SNS/SQS, with `--direct`: the job sends straight to the subscriber's queue with
-/// SendMessageBatch (no SNS publish), live events keep flowing through SNS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_job_killed_at_30_percent_with_live_updates_completes_without_drift() {
+    a_resync_job_completes_once_its_sink_applied_every_row("rabbitmq", job_rows(2_000), &[], true).await;
+}
+
+/// On SNS/SQS (a fifth of the rows: the emulator is the bottleneck), with `--direct`: the job
+/// sends straight to the subscriber's queue with SendMessageBatch (no SNS publish), live events
+/// keep flowing through SNS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sns_sqs_a_direct_resync_job_completes_with_live_updates_flowing() {
-    a_resync_job_completes_once_its_sink_applied_every_row("sns-sqs", 400, &["--direct"]).await;
+    let rows = job_rows(2_000) / 5;
+    a_resync_job_completes_once_its_sink_applied_every_row("sns-sqs", rows, &["--direct"], false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sns_sqs_a_pause_live_resync_job_through_the_topic_completes() {
-    a_resync_job_completes_once_its_sink_applied_every_row("sns-sqs", 400, &["--mode", "pause-live"]).await;
+    let (rows, args) = (job_rows(2_000) / 5, &["--mode", "pause-live"]);
+    a_resync_job_completes_once_its_sink_applied_every_row("sns-sqs", rows, args, false).await;
 }
 
 /// Runs `resync job start` for listings with `extra` flags to its end.

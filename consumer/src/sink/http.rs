@@ -197,7 +197,10 @@ fn classify(status: StatusCode, headers: &HeaderMap, body: String) -> SinkError 
     let retryable = status.is_server_error()
         || matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT)
         || status.as_u16() == 425;
-    if retryable {
+    let overloaded = matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE);
+    if overloaded {
+        SinkError::Overloaded { reason: format!("HTTP {status}"), retry_after: retry_after(headers) }
+    } else if retryable {
         SinkError::Transient { reason: format!("HTTP {status}"), retry_after: retry_after(headers) }
     } else {
         SinkError::Rejected { status: status.as_u16(), body }
@@ -279,11 +282,15 @@ mod tests {
         headers.insert("retry-after", HeaderValue::from_static("2"));
         assert_eq!(
             classify(StatusCode::TOO_MANY_REQUESTS, &headers, String::new()),
-            SinkError::Transient {
+            SinkError::Overloaded {
                 reason: "HTTP 429 Too Many Requests".into(),
                 retry_after: Some(Duration::from_secs(2))
             }
         );
+        assert!(matches!(
+            classify(StatusCode::BAD_GATEWAY, &HeaderMap::new(), String::new()),
+            SinkError::Transient { .. }
+        ));
         headers.insert("retry-after-ms", HeaderValue::from_static("250"));
         assert_eq!(retry_after(&headers), Some(Duration::from_millis(250)));
         assert!(classify(StatusCode::SERVICE_UNAVAILABLE, &HeaderMap::new(), String::new()).is_transient());
