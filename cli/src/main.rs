@@ -138,6 +138,14 @@ struct ConsumeArgs {
     /// How long in-flight events may take to finish after SIGTERM.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// How often the autoscaling signals on /metrics are sampled (queue backlog, processing
+    /// rate, sink capacity, recommended replicas).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    autoscale_interval: Duration,
+    /// The backlog should be gone within this: the recommended replica count drains it in this
+    /// time (never beyond what the sink's rate limit can use).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    drain_target: Duration,
 }
 
 #[derive(Args)]
@@ -325,7 +333,10 @@ async fn consume(common: &Common, schema: Schema, args: ConsumeArgs) -> Result<(
     // Config mistakes first, before any connection is made.
     resync_consumer::service::http_sink(&service)?;
     let transport = TransportConfig::named(&common.transport)?.connect().await?;
-    let mut consumer = resync_consumer::service::build(&service, transport.clone(), &runtime).await?;
+    let (mut consumer, mut autoscaler) =
+        resync_consumer::service::build_with_autoscaler(&service, transport.clone(), &runtime).await?;
+    autoscaler.interval = args.autoscale_interval;
+    autoscaler.drain_target = args.drain_target;
     consumer.set_shutdown_grace(args.shutdown_grace);
     let consumer = Arc::new(consumer);
     let shutdown = serve::shutdown_on_signals();
@@ -334,6 +345,7 @@ async fn consume(common: &Common, schema: Schema, args: ConsumeArgs) -> Result<(
         Arc::new(move || consumer.ready())
     };
     serve::serve_health(args.listen, ready, shutdown.clone()).await?;
+    tokio::spawn(autoscaler.run(shutdown.clone()));
     tracing::info!(service = %service.name, transport = %common.transport, "consumer starting");
     consumer.run(shutdown).await?;
     transport.close().await?;

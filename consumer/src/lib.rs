@@ -12,6 +12,7 @@
 //! reordering and stale resync events are therefore acknowledged without a call, and a write
 //! that raced a newer one (a lost lock) is repaired by re-sending the newest state.
 
+pub mod autoscale;
 pub mod control;
 pub mod decision;
 mod process;

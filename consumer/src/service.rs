@@ -2,6 +2,7 @@
 //! consumer settings. Shared by `resync consume` and the demo.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use fare_config::ServiceConfig;
 use resync_bus::Transport;
@@ -10,6 +11,7 @@ use resync_migrations::Schema;
 
 use resync_throttle::{AdaptiveConcurrency, ConcurrencyConfig, RateLimiterConfig, SharedRateLimiter};
 
+use crate::autoscale::Autoscaler;
 use crate::sink::Sink;
 use crate::sink::http::{HttpSink, HttpSinkConfig, HttpSinkConfigError};
 use crate::sink::throttled::ThrottledSink;
@@ -106,6 +108,16 @@ pub async fn build(
     transport: Arc<dyn Transport>,
     runtime: &Runtime,
 ) -> Result<Consumer, BuildError> {
+    Ok(build_with_autoscaler(service, transport, runtime).await?.0)
+}
+
+/// A consumer as [`build`] makes it, and the sampler of its autoscaling signals (run it beside
+/// the consumer to publish them).
+pub async fn build_with_autoscaler(
+    service: &ServiceConfig,
+    transport: Arc<dyn Transport>,
+    runtime: &Runtime,
+) -> Result<(Consumer, Autoscaler), BuildError> {
     let sink = Arc::new(throttled_sink(service, runtime).await?);
     let queues = service.queues(runtime.namespace.as_deref());
     let Some((_, first)) = queues.first() else {
@@ -116,7 +128,7 @@ pub async fn build(
     let locker = Locker::connect(&runtime.redis_url, runtime.lock.clone()).await?;
     let lock_prefix = runtime.namespace.as_ref().map(|ns| format!("{ns}:")).unwrap_or_default();
     let store = AppliedStore::new(pool.clone(), runtime.schema.clone());
-    let processor = Processor::new(store, locker, sink, retry, lock_prefix);
+    let processor = Processor::new(store, locker, sink.clone(), retry, lock_prefix);
     let mut config = ConsumerConfig::new(
         service.name.clone(),
         queues.into_iter().map(|(stream, q)| (stream, q.name)).collect(),
@@ -124,5 +136,13 @@ pub async fn build(
     config.concurrency = service.consumer.concurrency;
     config.prefetch = service.consumer.prefetch;
     config.batch_size = service.consumer.batch_size;
-    Ok(Consumer::new(transport, processor, pool, runtime.schema.clone(), config))
+    let autoscaler = Autoscaler {
+        transport: transport.clone(),
+        queues: config.queues.iter().map(|(_, queue)| queue.clone()).collect(),
+        tally: processor.tally(),
+        sink,
+        interval: Duration::from_secs(5),
+        drain_target: Duration::from_secs(60),
+    };
+    Ok((Consumer::new(transport, processor, pool, runtime.schema.clone(), config), autoscaler))
 }

@@ -149,7 +149,7 @@ impl World {
                 "--lock-lease",
                 lock_lease,
             ])
-            .args(["--shutdown-grace", "5s", "--db-pool-size", "3"])
+            .args(["--shutdown-grace", "5s", "--db-pool-size", "3", "--autoscale-interval", "200ms"])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -434,6 +434,17 @@ async fn a_consumer_serves_health_and_metrics_and_drains_on_sigterm() {
     let metrics = get(listen, "/metrics").await.expect("metrics").1;
     assert!(metrics.contains("resync_consumer_events_total{outcome=\"applied\"}"), "{metrics}");
     assert!(metrics.contains("resync_consumer_sink_latency_seconds"), "{metrics}");
+    // The autoscaling signals (sampled every 200 ms here).
+    let queue = resync_bus::naming::queue_name(Some(&world.namespace), "sync", Stream::Live);
+    let backlog = format!("resync_consumer_backlog{{queue=\"{queue}\"}}");
+    eventually("autoscaling signals on /metrics", || async {
+        get(listen, "/metrics").await.is_some_and(|(_, m)| {
+            m.contains(&backlog)
+                && m.contains("resync_consumer_processing_rate")
+                && m.contains("resync_consumer_recommended_replicas")
+        })
+    })
+    .await;
 
     signal("-TERM", &consumer.0.id().to_string());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
