@@ -11,11 +11,12 @@ use fare_config::{Catalog, Topology};
 use futures::future::join_all;
 use rand::Rng;
 use resync_apisim::{Config as ApiConfig, Latency};
-use resync_bus::{Destination, Envelope, OutgoingMessage, Stream, Transport, TransportConfig};
+use resync_bus::{Transport, TransportConfig};
 use resync_consumer::{Consumer, Outcome, service::Runtime};
 use resync_locks::LockConfig;
 use resync_migrations::Schema;
 use resync_producer::{NewEvent, Relay, RelayConfig, ReplayRequest, ReplayTarget};
+use resync_snapshotter::JobOptions;
 use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -175,7 +176,8 @@ async fn provision(options: &DemoOptions, api_url: &str) -> Result<Stage, DemoEr
     let namespace = format!("demo-{suffix}");
     let schema = Schema::new(format!("resync_demo_{suffix}")).map_err(step("schema name"))?;
     let config_dir = std::env::temp_dir().join(&namespace);
-    write_service_configs(&config_dir, api_url).map_err(step("writing the demo's service configs"))?;
+    write_service_configs(&config_dir, api_url, &schema)
+        .map_err(step("writing the demo's service configs"))?;
     let catalog = fare_config::load_dir(&config_dir).map_err(step("loading the service configs"))?;
     let transport = TransportConfig::named(&options.transport)
         .map_err(step("choosing the transport"))?
@@ -194,11 +196,16 @@ async fn provision(options: &DemoOptions, api_url: &str) -> Result<Stage, DemoEr
     Ok(Stage { schema, namespace, pool, transport, topology, config_dir })
 }
 
-fn write_service_configs(dir: &std::path::Path, api_url: &str) -> std::io::Result<()> {
+fn write_service_configs(dir: &std::path::Path, api_url: &str, schema: &Schema) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(
         dir.join("listings.toml"),
-        "name = \"listings\"\npublishes = [\"listing.created\", \"listing.updated\", \"listing.deleted\"]\n",
+        format!(
+            "name = \"listings\"\npublishes = [\"listing.created\", \"listing.updated\", \"listing.deleted\"]\n\n\
+             [[sources]]\nentity = \"listing\"\ntable = \"{}.listings\"\ndata_column = \"data\"\n\
+             deleted_column = \"deleted\"\n",
+            schema.name()
+        ),
     )?;
     std::fs::write(
         dir.join("channel-sync.toml"),
@@ -224,7 +231,7 @@ async fn drive(
 
     write_through_outbox(options, stage, &source).await?;
     let replayed = replay_some(stage).await?;
-    let resync_events = publish_resync(stage, &source).await?;
+    let resync_events = run_resync_job(stage, &catalog).await?;
     let converged = wait_until_equal(options, stage, &source, client).await;
 
     shutdown.cancel();
@@ -388,29 +395,30 @@ async fn replay_some(stage: &Stage) -> Result<u64, DemoError> {
         .map_err(step("replay"))
 }
 
-/// A resync of every listing on the resync stream, from the table as it is now, while live
-/// events may still be in flight: the version rule keeps the two streams correct together.
-async fn publish_resync(stage: &Stage, source: &SourceTable) -> Result<usize, DemoError> {
-    let rows = source.read_all(&stage.pool).await.map_err(step("reading the source table"))?;
-    let job_id = uuid::Uuid::now_v7();
-    let messages: Vec<OutgoingMessage> = rows
-        .iter()
-        .map(|(id, row)| {
-            let event_type = if row.deleted { "listing.deleted" } else { "listing.updated" };
-            let mut envelope = Envelope::new(event_type, id.clone(), row.version, row.data.clone());
-            envelope.deleted = row.deleted;
-            envelope.stream = Stream::Resync;
-            envelope.job_id = Some(job_id);
-            OutgoingMessage::from_envelope(&envelope)
-        })
-        .collect();
-    let topic =
-        Destination::Topic(resync_bus::naming::topic_name(Some(&stage.namespace), "listing", Stream::Resync));
-    for chunk in messages.chunks(500) {
-        stage.transport.publish_batch(&topic, chunk.to_vec()).await.map_err(step("publishing the resync"))?;
-    }
-    info!(events = messages.len(), "published a resync of every listing");
-    Ok(messages.len())
+/// A resync job over every listing (as `resync job start --entity listing` runs it), from a
+/// snapshot of the table as it is now, while live events may still be in flight: the version
+/// rule keeps the two streams correct together. Returns once the sink applied every row.
+async fn run_resync_job(stage: &Stage, catalog: &Catalog) -> Result<usize, DemoError> {
+    let source = catalog.services.iter().flat_map(|s| s.sources.iter()).find(|s| s.entity == "listing");
+    let source = source.ok_or_else(|| DemoError::Step {
+        what: "finding the listings source",
+        detail: "the demo's listings.toml maps no source".into(),
+    })?;
+    let sinks = catalog.services.iter().filter(|s| s.sink.is_some()).map(|s| s.sink_name()).collect();
+    let options = JobOptions { sinks, ..JobOptions::default() };
+    let (pool, schema) = (&stage.pool, &stage.schema);
+    let id = resync_snapshotter::create(pool, schema, Some(&stage.namespace), source, &options)
+        .await
+        .map_err(step("creating the resync job"))?;
+    let published = resync_snapshotter::run(pool, schema, stage.transport.as_ref(), id)
+        .await
+        .map_err(step("running the resync job"))?;
+    info!(job = %id, events = published.emitted, "resync job published every listing");
+    let done = resync_snapshotter::await_completion(pool, schema, id, Duration::from_millis(200))
+        .await
+        .map_err(step("waiting for the resync job to complete"))?;
+    info!(job = %id, status = %done.status, "resync job applied at the sink");
+    Ok(published.emitted as usize)
 }
 
 /// Polls until the third party equals the source table and every queue is empty (so the
