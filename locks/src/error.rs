@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use redis::{ErrorKind, RedisError, ServerErrorKind};
+use redis::RedisError;
 
 /// Why a [`LockGuard`](crate::LockGuard) no longer holds its lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,29 +68,10 @@ impl LockError {
     /// Sorts a client error into "Redis is (temporarily) not there" and "Redis said no".
     pub(crate) fn from_redis(op: &'static str, key: &str, source: RedisError) -> Self {
         let key = key.to_owned();
-        if is_unavailable(&source) {
+        if crate::redis_conn::is_unavailable(&source) {
             LockError::Unavailable { op, key, source }
         } else {
             LockError::Redis { op, key, source }
         }
     }
-}
-
-/// Connection-level failures, plus the server replies that mean "not now" (loading a dump,
-/// a replica during failover).
-fn is_unavailable(err: &RedisError) -> bool {
-    err.is_io_error()
-        || err.is_connection_dropped()
-        || err.is_connection_refusal()
-        || err.is_timeout()
-        || matches!(
-            err.kind(),
-            ErrorKind::Server(
-                ServerErrorKind::BusyLoading
-                    | ServerErrorKind::TryAgain
-                    | ServerErrorKind::MasterDown
-                    | ServerErrorKind::ClusterDown
-                    | ServerErrorKind::ReadOnly
-            )
-        )
 }

@@ -36,6 +36,7 @@ mod config;
 mod error;
 mod guard;
 mod locker;
+pub mod redis_conn;
 mod scripts;
 
 pub use config::LockConfig;

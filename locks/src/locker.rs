@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, ConnectionAddr, RedisResult};
+use redis::RedisResult;
+use redis::aio::ConnectionManager;
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, instrument};
 
@@ -46,16 +46,9 @@ impl Locker {
     /// for `AUTH`) and checks that the server answers, within `config.op_timeout`.
     pub async fn connect(url: &str, config: LockConfig) -> Result<Self, LockError> {
         config.validate()?;
-        let connect_error = |reason: String| LockError::Connect { url: redact(url), reason };
-        let client = Client::open(url).map_err(|e| connect_error(e.to_string()))?;
-        if matches!(client.get_connection_info().addr(), ConnectionAddr::TcpTls { .. }) {
-            install_tls_provider();
-        }
-        let conn =
-            timeout(config.op_timeout, ConnectionManager::new_with_config(client, manager_config(&config)))
-                .await
-                .map_err(|_| connect_error(format!("no answer within {:?}", config.op_timeout)))?
-                .map_err(|e| connect_error(e.to_string()))?;
+        let conn = crate::redis_conn::connect(url, config.op_timeout)
+            .await
+            .map_err(|reason| LockError::Connect { url: crate::redis_conn::redact(url), reason })?;
         let inner = Inner { conn, config, scripts: Scripts::new() };
         Ok(Self { inner: Arc::new(inner) })
     }
@@ -234,33 +227,6 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The connection manager's own timeouts match ours, and its reconnect attempts stay short
-/// so a returning Redis is noticed within about a second.
-fn manager_config(config: &LockConfig) -> ConnectionManagerConfig {
-    ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(config.op_timeout))
-        .set_response_timeout(Some(config.op_timeout))
-        .set_min_delay(Duration::from_millis(50))
-        .set_max_delay(Duration::from_secs(1))
-        .set_number_of_retries(3)
-}
-
-/// redis' rustls support ships no crypto provider; install the one the workspace builds
-/// unless the application already installed its own (then `install_default` fails, harmlessly).
-fn install_tls_provider() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-}
-
-/// The URL without its password, for error messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}://***{}", &url[..scheme_end], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 /// Full-jitter exponential backoff: spreads contenders out so they do not retry in lockstep.
 struct Backoff {
     next: Duration,
@@ -282,12 +248,6 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redact_hides_the_password_only() {
-        assert_eq!(redact("rediss://:s3cret@cache:6380/0"), "rediss://***@cache:6380/0");
-        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
-    }
 
     #[test]
     fn backoff_stays_within_its_ceiling() {

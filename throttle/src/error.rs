@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use redis::{ErrorKind, RedisError, ServerErrorKind};
+use redis::RedisError;
 
 /// Everything that can go wrong configuring a limiter or talking to Redis about it.
 #[derive(Debug, thiserror::Error)]
@@ -50,29 +50,10 @@ impl ThrottleError {
     /// Sorts a client error into "Redis is (temporarily) not there" and "Redis said no".
     pub(crate) fn from_redis(op: &'static str, key: &str, source: RedisError) -> Self {
         let key = key.to_owned();
-        if is_unavailable(&source) {
+        if resync_locks::redis_conn::is_unavailable(&source) {
             ThrottleError::Unavailable { op, key, source }
         } else {
             ThrottleError::Redis { op, key, source }
         }
     }
-}
-
-/// Connection-level failures, plus the server replies that mean "not now" (loading a dump,
-/// a replica during failover).
-fn is_unavailable(err: &RedisError) -> bool {
-    err.is_io_error()
-        || err.is_connection_dropped()
-        || err.is_connection_refusal()
-        || err.is_timeout()
-        || matches!(
-            err.kind(),
-            ErrorKind::Server(
-                ServerErrorKind::BusyLoading
-                    | ServerErrorKind::TryAgain
-                    | ServerErrorKind::MasterDown
-                    | ServerErrorKind::ClusterDown
-                    | ServerErrorKind::ReadOnly
-            )
-        )
 }

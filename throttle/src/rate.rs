@@ -5,13 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, ConnectionAddr, FromRedisValue, RedisResult, Script};
+use redis::aio::ConnectionManager;
+use redis::{FromRedisValue, RedisResult, Script};
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, info, instrument, warn};
 
 use crate::scripts::Scripts;
 use crate::{RateLimiterConfig, ThrottleError};
+use resync_locks::redis_conn;
 
 /// A Retry-After longer than this is treated as this long: a hold should bound an outage,
 /// not park every consumer for days because of one odd header.
@@ -56,16 +57,9 @@ impl SharedRateLimiter {
     /// `AUTH`) with a connection of its own, within `config.op_timeout`.
     pub async fn connect(url: &str, config: RateLimiterConfig) -> Result<Self, ThrottleError> {
         config.validate()?;
-        let connect_error = |reason: String| ThrottleError::Connect { url: redact(url), reason };
-        let client = Client::open(url).map_err(|e| connect_error(e.to_string()))?;
-        if matches!(client.get_connection_info().addr(), ConnectionAddr::TcpTls { .. }) {
-            install_tls_provider();
-        }
-        let conn =
-            timeout(config.op_timeout, ConnectionManager::new_with_config(client, manager_config(&config)))
-                .await
-                .map_err(|_| connect_error(format!("no answer within {:?}", config.op_timeout)))?
-                .map_err(|e| connect_error(e.to_string()))?;
+        let conn = redis_conn::connect(url, config.op_timeout)
+            .await
+            .map_err(|reason| ThrottleError::Connect { url: redis_conn::redact(url), reason })?;
         Self::with_connection(conn, config)
     }
 
@@ -227,42 +221,9 @@ fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
-/// The connection manager's own timeouts match ours, and its reconnect attempts stay short
-/// so a returning Redis is noticed within about a second.
-fn manager_config(config: &RateLimiterConfig) -> ConnectionManagerConfig {
-    ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(config.op_timeout))
-        .set_response_timeout(Some(config.op_timeout))
-        .set_min_delay(Duration::from_millis(50))
-        .set_max_delay(Duration::from_secs(1))
-        .set_number_of_retries(3)
-}
-
-/// redis' rustls support ships no crypto provider; install the one the workspace builds
-/// unless the application already installed its own (then `install_default` fails, harmlessly).
-fn install_tls_provider() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-}
-
-/// The URL without its password, for error messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}://***{}", &url[..scheme_end], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redact_hides_the_password_only() {
-        assert_eq!(redact("rediss://:s3cret@cache:6380/0"), "rediss://***@cache:6380/0");
-        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
-    }
 
     #[test]
     fn jitter_starts_at_one_interval_and_grows_to_max_wait() {
