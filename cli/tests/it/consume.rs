@@ -640,7 +640,9 @@ async fn a_resync_job_completes_once_its_sink_applied_every_row(
     let mut world = World::new(kind, faulty_api(31)).await;
     let (_, truth) = shuffled_history(rows, 3, 0.0, 31);
     world.seed(truth).await;
-    let _consumers: Vec<Process> = (0..2).map(|_| world.consumer("15s")).collect();
+    // 1% of the rows per second is 1,000 live events/s at 100k rows: more consumers then.
+    let consumers = (rows / 25_000).max(2);
+    let _consumers: Vec<Process> = (0..consumers).map(|_| world.consumer("15s")).collect();
 
     let mode = if args.contains(&"pause-live") { "pause-live" } else { "concurrent" };
     let rate = (rows / 20).max(1000).to_string();
@@ -695,7 +697,8 @@ async fn a_resync_job_completes_once_its_sink_applied_every_row(
     // A killed job re-sends at most the chunk each reader had in flight.
     assert!(*emitted >= rows && *emitted <= rows + 4 * 1000, "{emitted} published for {rows} rows");
 
-    world.wait_until_equal(Duration::from_secs(60 + rows as u64 / 500)).await;
+    // The live backlog (all of it in pause-live mode) is applied after the job completes.
+    world.wait_until_equal(Duration::from_secs(60 + rows as u64 / 100)).await;
     assert_no_stale_overwrite(&world).await;
     let verified = world.resync().args(["job", "verify", &id.to_string()]).output().expect("job verify");
     let report = String::from_utf8_lossy(&verified.stdout);
