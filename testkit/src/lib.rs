@@ -81,3 +81,21 @@ pub fn unique_name(prefix: &str) -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();
     format!("{prefix}-{}", &id[..12])
 }
+
+/// A plain connection to the test Redis, for inspecting (and tampering with) keys; fails the
+/// test with how to start Redis when it cannot connect.
+pub async fn redis_connection() -> redis::aio::MultiplexedConnection {
+    let connect = async {
+        let client = redis::Client::open(Service::Redis.url())?;
+        client.get_multiplexed_async_connection().await
+    };
+    match connect.await {
+        Ok(conn) => conn,
+        Err(e) => service_unreachable(Service::Redis, e),
+    }
+}
+
+/// A key's time to live in milliseconds (-2: no such key, -1: no expiry).
+pub async fn pttl(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> i64 {
+    redis::cmd("PTTL").arg(key).query_async(conn).await.expect("PTTL")
+}

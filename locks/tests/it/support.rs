@@ -33,21 +33,7 @@ pub(crate) async fn locker(config: LockConfig) -> Locker {
     }
 }
 
-/// A plain connection to the shared Redis, for inspecting and tampering with keys.
-pub(crate) async fn raw() -> MultiplexedConnection {
-    let connect = async {
-        let client = redis::Client::open(Service::Redis.url())?;
-        client.get_multiplexed_async_connection().await
-    };
-    match connect.await {
-        Ok(conn) => conn,
-        Err(e) => service_unreachable(Service::Redis, e),
-    }
-}
-
-pub(crate) async fn pttl(conn: &mut MultiplexedConnection, key: &str) -> i64 {
-    redis::cmd("PTTL").arg(key).query_async(conn).await.expect("PTTL")
-}
+pub(crate) use resync_testkit::{pttl, redis_connection as raw};
 
 pub(crate) async fn get(conn: &mut MultiplexedConnection, key: &str) -> Option<String> {
     redis::cmd("GET").arg(key).query_async(conn).await.expect("GET")

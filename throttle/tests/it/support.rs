@@ -44,21 +44,7 @@ pub(crate) async fn limiters(config: &RateLimiterConfig, count: usize) -> Vec<Sh
     limiters
 }
 
-/// A plain connection to the shared Redis, for inspecting keys.
-pub(crate) async fn raw() -> MultiplexedConnection {
-    let connect = async {
-        let client = redis::Client::open(Service::Redis.url())?;
-        client.get_multiplexed_async_connection().await
-    };
-    match connect.await {
-        Ok(conn) => conn,
-        Err(e) => service_unreachable(Service::Redis, e),
-    }
-}
-
-pub(crate) async fn pttl(conn: &mut MultiplexedConnection, key: &str) -> i64 {
-    redis::cmd("PTTL").arg(key).query_async(conn).await.expect("PTTL")
-}
+pub(crate) use resync_testkit::{pttl, redis_connection as raw};
 
 pub(crate) async fn exists(conn: &mut MultiplexedConnection, key: &str) -> bool {
     redis::cmd("EXISTS").arg(key).query_async(conn).await.expect("EXISTS")
