@@ -99,3 +99,31 @@ pub async fn redis_connection() -> redis::aio::MultiplexedConnection {
 pub async fn pttl(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> i64 {
     redis::cmd("PTTL").arg(key).query_async(conn).await.expect("PTTL")
 }
+
+/// Fails the test if `fut` has not finished within `limit`: a hang guard, not a timing claim.
+pub async fn within<T>(
+    limit: std::time::Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(value) => value,
+        Err(_) => panic!("{what}: still waiting after {limit:?} (hang)"),
+    }
+}
+
+/// Polls `attempt` until it yields a value; fails the test after `limit`.
+pub async fn poll_some<T, F, Fut>(limit: std::time::Duration, what: &str, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = attempt().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: not true after {limit:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -328,6 +328,10 @@ async fn consumer_processes_share_the_sinks_rate_limit() {
         .max()
         .unwrap_or(0);
     assert!(busiest <= RATE + 1 + RATE / 50 + 2, "{busiest} writes within one second, limit {RATE}/s");
+    // The writes went through the shared limiter (its Redis state, kept a minute past use).
+    let mut redis = resync_testkit::redis_connection().await;
+    let key = format!("{}:throttle:sync", world.namespace);
+    assert!(resync_testkit::pttl(&mut redis, &key).await > 0, "no shared rate state at {key}");
     assert_no_stale_overwrite(&world).await;
     world.cleanup().await;
 }
@@ -653,14 +657,9 @@ async fn a_resync_job_completes_once_its_sink_applied_every_row(
     let (mut round, mut killed, mut seen_paused) = (0, false, false);
     let mut next_round = tokio::time::Instant::now();
     let status = loop {
-        if let Some(status) = job.0.try_wait().expect("job process") {
+        if let Some(status) = job_exit(&mut job, &world, deadline) {
             break status;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the job did not complete\n{}",
-            world.consumer_logs()
-        );
         if tokio::time::Instant::now() >= next_round {
             round += 1;
             live_updates(&mut world, 100, round).await;
@@ -738,6 +737,21 @@ async fn sns_sqs_a_pause_live_resync_job_through_the_topic_completes() {
     a_resync_job_completes_once_its_sink_applied_every_row("sns-sqs", rows, args, false).await;
 }
 
+/// The job process's exit status once it exited; fails the test after `deadline`.
+fn job_exit(
+    job: &mut Process,
+    world: &World,
+    deadline: tokio::time::Instant,
+) -> Option<std::process::ExitStatus> {
+    let status = job.0.try_wait().expect("job process");
+    assert!(
+        status.is_some() || tokio::time::Instant::now() < deadline,
+        "the job did not complete\n{}",
+        world.consumer_logs()
+    );
+    status
+}
+
 /// Runs `resync job start` for listings with `extra` flags to its end.
 async fn run_job(world: &World, extra: &[&str]) {
     let mut args = vec!["job", "start", "--entity", "listing"];
@@ -745,14 +759,9 @@ async fn run_job(world: &World, extra: &[&str]) {
     let mut job = Process(world.resync().args(&args).stdout(Stdio::null()).spawn().expect("job start"));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let status = loop {
-        if let Some(status) = job.0.try_wait().expect("job process") {
+        if let Some(status) = job_exit(&mut job, world, deadline) {
             break status;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the job did not complete\n{}",
-            world.consumer_logs()
-        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(status.success(), "resync job start {extra:?} failed");

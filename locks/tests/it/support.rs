@@ -10,7 +10,6 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use resync_locks::{LockConfig, Locker};
 use resync_testkit::{Service, service_unreachable};
-use tokio::time::Instant;
 
 /// Timing for tests that do not exercise expiry: leases far longer than any test step.
 pub(crate) fn calm_config() -> LockConfig {
@@ -39,14 +38,6 @@ pub(crate) async fn get(conn: &mut MultiplexedConnection, key: &str) -> Option<S
     redis::cmd("GET").arg(key).query_async(conn).await.expect("GET")
 }
 
-/// Fails the test if `fut` has not finished within `limit`: a hang guard, not a timing claim.
-pub(crate) async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(value) => value,
-        Err(_) => panic!("{what}: still waiting after {limit:?} (hang)"),
-    }
-}
-
 /// Polls `condition` until it holds; fails the test after `limit`.
 pub(crate) async fn eventually<F, Fut>(limit: Duration, what: &str, mut condition: F)
 where
@@ -60,21 +51,7 @@ where
     .await
 }
 
-/// Polls `attempt` until it yields a value; fails the test after `limit`.
-pub(crate) async fn poll_some<T, F, Fut>(limit: Duration, what: &str, mut attempt: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = attempt().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what}: not true after {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+pub(crate) use resync_testkit::{poll_some, within};
 
 /// A port nobody listens on right now.
 pub(crate) fn free_port() -> u16 {

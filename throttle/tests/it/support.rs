@@ -1,12 +1,10 @@
 //! Shared test plumbing: limiters on the shared Redis, raw access to their keys, bounded waits.
 
-use std::future::Future;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use resync_testkit::{Service, service_unreachable, unique_name};
 use resync_throttle::{RateLimiterConfig, SharedRateLimiter, ThrottleError};
-use tokio::time::Instant;
 
 /// A config on a key no other test (or earlier run) uses.
 pub(crate) fn config(max_rate: f64, burst: u32) -> RateLimiterConfig {
@@ -50,29 +48,7 @@ pub(crate) async fn exists(conn: &mut MultiplexedConnection, key: &str) -> bool 
     redis::cmd("EXISTS").arg(key).query_async(conn).await.expect("EXISTS")
 }
 
-/// Fails the test if `fut` has not finished within `limit`: a hang guard, not a timing claim.
-pub(crate) async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(value) => value,
-        Err(_) => panic!("{what}: still waiting after {limit:?} (hang)"),
-    }
-}
-
-/// Polls `attempt` until it yields a value; fails the test after `limit`.
-pub(crate) async fn poll_some<T, F, Fut>(limit: Duration, what: &str, mut attempt: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = attempt().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what}: not true after {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+pub(crate) use resync_testkit::{poll_some, within};
 
 /// Rates are computed in floating point on the server; compare with room for rounding.
 pub(crate) fn assert_rate(actual: f64, expected: f64, what: &str) {
