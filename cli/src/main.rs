@@ -132,6 +132,12 @@ struct ConsumeArgs {
     /// Postgres connections of this process.
     #[arg(long, env = "RESYNC_DB_POOL_SIZE", default_value_t = 4)]
     db_pool_size: u32,
+    /// `transaction` when --database-url points at a pooler in transaction mode (PgBouncer
+    /// `pool_mode = transaction`), the way to run more consumer processes than Postgres has
+    /// connections: statements then run in explicit transactions and are not kept prepared.
+    /// `direct` (straight to Postgres) otherwise.
+    #[arg(long, env = "RESYNC_DB_POOLING", default_value = "direct")]
+    db_pooling: resync_consumer::Pooling,
     /// How long an entity lock lives without renewal (renewed every third of it while held).
     #[arg(long, env = "RESYNC_LOCK_LEASE", default_value = "15s", value_parser = humantime::parse_duration)]
     lock_lease: Duration,
@@ -329,6 +335,7 @@ async fn consume(common: &Common, schema: Schema, args: ConsumeArgs) -> Result<(
         redis_url: args.redis_url,
         lock,
         db_pool_size: args.db_pool_size,
+        db_pooling: args.db_pooling,
     };
     // Config mistakes first, before any connection is made.
     resync_consumer::service::http_sink(&service)?;

@@ -20,7 +20,7 @@ use resync_bus::{
     Destination, Envelope, OutgoingMessage, QueueSpec, RabbitMqConfig, RabbitMqTransport, Stream, Transport,
 };
 use resync_consumer::{
-    AppliedStore, Consumer, ConsumerConfig, Processor, RetryPolicy, Sink, SinkError, SinkWrite,
+    AppliedStore, Consumer, ConsumerConfig, Pooling, Processor, RetryPolicy, Sink, SinkError, SinkWrite,
 };
 use resync_locks::{LockConfig, Locker};
 use resync_migrations::Schema;
@@ -95,7 +95,11 @@ async fn main() {
     resync_migrations::migrate(&Service::Postgres.url(), &schema)
         .await
         .unwrap_or_else(|e| service_unreachable(Service::Postgres, e));
-    let pool = resync_consumer::store::connect(&Service::Postgres.url(), 8).await.expect("pool");
+    let pool = resync_consumer::Db::connect(&Service::Postgres.url(), 8, Pooling::Direct)
+        .await
+        .expect("pool")
+        .pool()
+        .clone();
     let locker = Locker::connect(&Service::Redis.url(), LockConfig::default())
         .await
         .unwrap_or_else(|e| service_unreachable(Service::Redis, e));

@@ -7,6 +7,8 @@ use resync_bus::Stream;
 use resync_migrations::Schema;
 use sqlx::PgPool;
 
+use crate::db::Db;
+
 /// Marks a stream paused; consumers stop taking messages from it at their next poll.
 pub async fn pause(
     pool: &PgPool,
@@ -43,16 +45,13 @@ pub async fn resume(
     Ok(done.rows_affected() > 0)
 }
 
-/// The streams of `service` that are paused now.
-pub async fn paused_streams(
-    pool: &PgPool,
-    schema: &Schema,
-    service: &str,
-) -> Result<HashSet<Stream>, sqlx::Error> {
-    let rows: Vec<String> =
-        sqlx::query_scalar(schema.sql("SELECT stream FROM {schema}.paused_streams WHERE service = $1"))
-            .bind(service)
-            .fetch_all(pool)
-            .await?;
-    Ok(rows.iter().filter_map(|s| s.parse().ok()).collect())
+/// The streams of `service` that are paused now (read by every consumer, hence through [`Db`]).
+pub async fn paused_streams(db: &Db, schema: &Schema, service: &str) -> Result<HashSet<Stream>, sqlx::Error> {
+    let rows: Vec<(String,)> = db
+        .fetch_all(
+            sqlx::query_as(schema.sql("SELECT stream FROM {schema}.paused_streams WHERE service = $1"))
+                .bind(service),
+        )
+        .await?;
+    Ok(rows.iter().filter_map(|(s,)| s.parse().ok()).collect())
 }

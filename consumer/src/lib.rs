@@ -14,6 +14,7 @@
 
 pub mod autoscale;
 pub mod control;
+pub mod db;
 pub mod decision;
 mod process;
 mod runner;
@@ -21,6 +22,7 @@ pub mod service;
 pub mod sink;
 pub mod store;
 
+pub use db::{Db, Pooling};
 pub use process::{Outcome, Processor, RetryPolicy, Tally};
 pub use runner::{Consumer, ConsumerConfig, ConsumerError, QueueState};
 pub use sink::http::{HttpSink, HttpSinkConfig};

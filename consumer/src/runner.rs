@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use resync_bus::{Stream, SubscribeOptions, Subscription, Transport, TransportError};
 use resync_migrations::Schema;
-use sqlx::PgPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::control;
+use crate::db::Db;
 use crate::process::Processor;
 
 /// How a consumer process runs.
@@ -67,7 +67,7 @@ pub enum QueueState {
 pub struct Consumer {
     transport: Arc<dyn Transport>,
     processor: Arc<Processor>,
-    pool: PgPool,
+    db: Db,
     schema: Schema,
     config: ConsumerConfig,
     states: Vec<watch::Sender<QueueState>>,
@@ -82,12 +82,12 @@ impl Consumer {
     pub fn new(
         transport: Arc<dyn Transport>,
         processor: Processor,
-        pool: PgPool,
+        db: impl Into<Db>,
         schema: Schema,
         config: ConsumerConfig,
     ) -> Self {
         let states = config.queues.iter().map(|_| watch::channel(QueueState::Starting).0).collect();
-        Self { transport, processor: Arc::new(processor), pool, schema, config, states }
+        Self { transport, processor: Arc::new(processor), db: db.into(), schema, config, states }
     }
 
     /// How long in-flight events may take to finish after shutdown is requested.
@@ -119,7 +119,7 @@ impl Consumer {
             let worker = QueueLoop {
                 transport: self.transport.clone(),
                 processor: self.processor.clone(),
-                pool: self.pool.clone(),
+                db: self.db.clone(),
                 schema: self.schema.clone(),
                 service: self.config.service.clone(),
                 stream: *stream,
@@ -154,7 +154,7 @@ impl Consumer {
 struct QueueLoop {
     transport: Arc<dyn Transport>,
     processor: Arc<Processor>,
-    pool: PgPool,
+    db: Db,
     schema: Schema,
     service: String,
     stream: Stream,
@@ -258,7 +258,7 @@ impl QueueLoop {
 
     /// Reads the pause flag; on a database error keeps the last known state.
     async fn is_paused(&self, previous: bool) -> bool {
-        match control::paused_streams(&self.pool, &self.schema, &self.service).await {
+        match control::paused_streams(&self.db, &self.schema, &self.service).await {
             Ok(paused) => paused.contains(&self.stream),
             Err(err) => {
                 warn!(error = %err, "cannot read pause state; keeping the last known state");

@@ -15,7 +15,7 @@ use crate::autoscale::Autoscaler;
 use crate::sink::Sink;
 use crate::sink::http::{HttpSink, HttpSinkConfig, HttpSinkConfigError};
 use crate::sink::throttled::ThrottledSink;
-use crate::{AppliedStore, Consumer, ConsumerConfig, Processor, RetryPolicy};
+use crate::{AppliedStore, Consumer, ConsumerConfig, Db, Pooling, Processor, RetryPolicy};
 
 /// Where a consumer keeps its state and how it locks, besides what the service config says.
 #[derive(Debug, Clone)]
@@ -28,6 +28,9 @@ pub struct Runtime {
     /// Postgres connections per consumer process: a batch needs two statements, so a few
     /// suffice, and many processes stay within the server's `max_connections`.
     pub db_pool_size: u32,
+    /// Straight to Postgres, or through a transaction-mode pooler (beyond some tens of
+    /// processes, see `deploy/README.md`).
+    pub db_pooling: Pooling,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,10 +127,10 @@ pub async fn build_with_autoscaler(
         return Err(BuildError::NoQueues { service: service.name.clone() });
     };
     let retry = RetryPolicy { max_receive_count: first.max_receive_count, ..RetryPolicy::default() };
-    let pool = crate::store::connect(&runtime.database_url, runtime.db_pool_size).await?;
+    let db = Db::connect(&runtime.database_url, runtime.db_pool_size, runtime.db_pooling).await?;
     let locker = Locker::connect(&runtime.redis_url, runtime.lock.clone()).await?;
     let lock_prefix = runtime.namespace.as_ref().map(|ns| format!("{ns}:")).unwrap_or_default();
-    let store = AppliedStore::new(pool.clone(), runtime.schema.clone());
+    let store = AppliedStore::new(db.clone(), runtime.schema.clone());
     let processor = Processor::new(store, locker, sink.clone(), retry, lock_prefix);
     let mut config = ConsumerConfig::new(
         service.name.clone(),
@@ -144,5 +147,5 @@ pub async fn build_with_autoscaler(
         interval: Duration::from_secs(5),
         drain_target: Duration::from_secs(60),
     };
-    Ok((Consumer::new(transport, processor, pool, runtime.schema.clone(), config), autoscaler))
+    Ok((Consumer::new(transport, processor, db, runtime.schema.clone(), config), autoscaler))
 }

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 
 use resync_migrations::Schema;
-use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use uuid::Uuid;
+
+use crate::db::Db;
 
 use crate::decision::{Applied, Resend};
 
@@ -95,32 +95,19 @@ pub enum Cas {
     Conflict(Option<AppliedState>),
 }
 
-/// A Postgres pool for the applied-version store, `max_connections` wide.
-///
-/// Connections plan every query for its actual arguments (`plan_cache_mode =
-/// force_custom_plan`): a generic plan cached while `applied_versions` was small hash-joins
-/// the whole sink's rows into every batch lookup, and would keep doing so as the table grows.
-pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
-    let options: PgConnectOptions = url.parse()?;
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .connect_with(options.options([("plan_cache_mode", "force_custom_plan")]))
-        .await
-}
-
 #[derive(Clone)]
 pub struct AppliedStore {
-    pool: PgPool,
+    db: Db,
     schema: Schema,
 }
 
 impl AppliedStore {
-    pub fn new(pool: PgPool, schema: Schema) -> Self {
-        Self { pool, schema }
+    pub fn new(db: impl Into<Db>, schema: Schema) -> Self {
+        Self { db: db.into(), schema }
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+    pub fn db(&self) -> &Db {
+        &self.db
     }
 
     pub fn schema(&self) -> &Schema {
@@ -128,15 +115,14 @@ impl AppliedStore {
     }
 
     pub async fn get(&self, key: EntityKey<'_>) -> Result<Option<AppliedState>, sqlx::Error> {
-        sqlx::query_as(self.schema.sql(
+        let query = sqlx::query_as(self.schema.sql(
             "SELECT version, content_hash, deleted, data, event_id FROM {schema}.applied_versions \
              WHERE sink = $1 AND entity_type = $2 AND entity_id = $3",
         ))
         .bind(key.sink)
         .bind(key.entity_type)
-        .bind(key.entity_id)
-        .fetch_optional(&self.pool)
-        .await
+        .bind(key.entity_id);
+        Ok(self.db.fetch_all(query).await?.into_iter().next())
     }
 
     /// Records `new` as applied if the entity is still at `expected` (`None`: never applied).
@@ -170,7 +156,7 @@ impl AppliedStore {
             Some(version) => query.bind(version),
             None => query,
         };
-        let recorded = query.execute(&self.pool).await?.rows_affected() == 1;
+        let recorded = self.db.execute(query).await?.rows_affected() == 1;
         if recorded { Ok(Cas::Recorded) } else { Ok(Cas::Conflict(self.get(key).await?)) }
     }
 
@@ -185,7 +171,7 @@ impl AppliedStore {
         }
         let (types, ids): (Vec<&str>, Vec<&str>) =
             entities.iter().map(|e| (e.entity_type.as_str(), e.entity_id.as_str())).unzip();
-        let rows: Vec<CurrentRow> = sqlx::query_as(self.schema.sql(
+        let query = sqlx::query_as(self.schema.sql(
             "SELECT k.entity_type, k.entity_id, a.version, a.content_hash, a.deleted, a.data, a.event_id, \
                     i.version AS started \
              FROM unnest($2::text[], $3::text[]) AS k(entity_type, entity_id) \
@@ -196,9 +182,8 @@ impl AppliedStore {
         ))
         .bind(sink)
         .bind(types)
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await?;
+        .bind(ids);
+        let rows: Vec<CurrentRow> = self.db.fetch_all(query).await?;
         Ok(rows.into_iter().map(CurrentRow::into_current).collect())
     }
 
@@ -218,7 +203,7 @@ impl AppliedStore {
         let types: Vec<&str> = events.iter().map(|(e, _)| e.entity_type.as_str()).collect();
         let ids: Vec<&str> = events.iter().map(|(e, _)| e.entity_id.as_str()).collect();
         let versions: Vec<i64> = events.iter().map(|(_, v)| *v).collect();
-        let rows: Vec<CurrentRow> = sqlx::query_as(self.schema.sql(
+        let query = sqlx::query_as(self.schema.sql(
             "WITH cur AS ( \
                SELECT k.entity_type, k.entity_id, k.mine, a.version, a.content_hash, a.deleted, a.data, \
                       a.event_id, i.version AS started \
@@ -238,9 +223,8 @@ impl AppliedStore {
         .bind(sink)
         .bind(types)
         .bind(ids)
-        .bind(versions)
-        .fetch_all(&self.pool)
-        .await?;
+        .bind(versions);
+        let rows: Vec<CurrentRow> = self.db.fetch_all(query).await?;
         Ok(rows.into_iter().map(CurrentRow::into_current).collect())
     }
 
@@ -260,7 +244,7 @@ impl AppliedStore {
         let types: Vec<&str> = intents.iter().map(|(e, _)| e.entity_type.as_str()).collect();
         let ids: Vec<&str> = intents.iter().map(|(e, _)| e.entity_id.as_str()).collect();
         let versions: Vec<i64> = intents.iter().map(|(_, v)| *v).collect();
-        sqlx::query(self.schema.sql(
+        let query = sqlx::query(self.schema.sql(
             "INSERT INTO {schema}.sink_intents (sink, entity_type, entity_id, version) \
              SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bigint[]) \
              ON CONFLICT (sink, entity_type, entity_id) DO UPDATE \
@@ -269,24 +253,22 @@ impl AppliedStore {
         .bind(sink)
         .bind(types)
         .bind(ids)
-        .bind(versions)
-        .execute(&self.pool)
-        .await?;
+        .bind(versions);
+        self.db.execute(query).await?;
         Ok(())
     }
 
     /// Forgets the intent of `version` after the sink refused it for good (nothing landed).
     pub async fn clear_intent(&self, key: EntityKey<'_>, version: i64) -> Result<(), sqlx::Error> {
-        sqlx::query(self.schema.sql(
+        let query = sqlx::query(self.schema.sql(
             "DELETE FROM {schema}.sink_intents WHERE sink = $1 AND entity_type = $2 AND entity_id = $3 \
              AND version = $4",
         ))
         .bind(key.sink)
         .bind(key.entity_type)
         .bind(key.entity_id)
-        .bind(version)
-        .execute(&self.pool)
-        .await?;
+        .bind(version);
+        self.db.execute(query).await?;
         Ok(())
     }
 
@@ -299,7 +281,7 @@ impl AppliedStore {
         reason: &str,
         detail: &str,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(self.schema.sql(
+        let query = sqlx::query(self.schema.sql(
             "INSERT INTO {schema}.dead_lettered_entities AS d \
                (sink, entity_type, entity_id, version, reason, detail) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (sink, entity_type, entity_id) DO UPDATE \
@@ -312,9 +294,8 @@ impl AppliedStore {
         .bind(key.entity_id)
         .bind(version)
         .bind(reason)
-        .bind(detail)
-        .execute(&self.pool)
-        .await?;
+        .bind(detail);
+        self.db.execute(query).await?;
         Ok(())
     }
 
@@ -336,7 +317,7 @@ impl AppliedStore {
         let data: Vec<&serde_json::Value> = requests.iter().map(|r| &r.new.data).collect();
         let event_ids: Vec<Uuid> = requests.iter().map(|r| r.new.event_id).collect();
         let expected: Vec<Option<i64>> = requests.iter().map(|r| r.expected).collect();
-        let recorded: Vec<(String, String)> = sqlx::query_as(self.schema.sql(
+        let query = sqlx::query_as(self.schema.sql(
             "WITH input AS ( \
                SELECT * FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bytea[], $6::bool[], \
                                     $7::jsonb[], $8::uuid[], $9::bigint[]) \
@@ -365,9 +346,8 @@ impl AppliedStore {
         .bind(deleted)
         .bind(data)
         .bind(event_ids)
-        .bind(expected)
-        .fetch_all(&self.pool)
-        .await?;
+        .bind(expected);
+        let recorded: Vec<(String, String)> = self.db.fetch_all(query).await?;
         let recorded: std::collections::HashSet<(String, String)> = recorded.into_iter().collect();
         Ok(requests
             .iter()

@@ -12,7 +12,7 @@ use futures::future::join_all;
 use rand::Rng;
 use resync_apisim::{Config as ApiConfig, Latency};
 use resync_bus::{Transport, TransportConfig};
-use resync_consumer::{Consumer, Outcome, service::Runtime};
+use resync_consumer::{Consumer, Outcome, Pooling, service::Runtime};
 use resync_locks::LockConfig;
 use resync_migrations::Schema;
 use resync_producer::{NewEvent, Relay, RelayConfig, ReplayRequest, ReplayTarget};
@@ -190,9 +190,11 @@ async fn provision(options: &DemoOptions, api_url: &str) -> Result<Stage, DemoEr
     resync_migrations::migrate(&options.database_url, &schema)
         .await
         .map_err(step("migrating Postgres (run scripts/services-up)"))?;
-    let pool = resync_consumer::store::connect(&options.database_url, 16)
+    let pool = resync_consumer::Db::connect(&options.database_url, 16, Pooling::Direct)
         .await
-        .map_err(step("connecting to Postgres"))?;
+        .map_err(step("connecting to Postgres"))?
+        .pool()
+        .clone();
     Ok(Stage { schema, namespace, pool, transport, topology, config_dir })
 }
 
@@ -294,6 +296,7 @@ async fn start_consumers(
         redis_url: options.redis_url.clone(),
         lock: LockConfig::default(),
         db_pool_size: 4,
+        db_pooling: Pooling::Direct,
     };
     let mut running = Vec::new();
     for _ in 0..options.consumers {

@@ -9,6 +9,7 @@
 
 use std::fmt::Display;
 
+pub mod pgbouncer;
 pub mod proxy;
 
 /// A local service a test may need.

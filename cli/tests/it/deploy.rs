@@ -302,7 +302,10 @@ fn compose_invocations(compose: &Value) -> Vec<Invocation> {
 fn compose() -> Value {
     let mut docs = documents("docker-compose.yml");
     assert_eq!(docs.len(), 1, "docker-compose.yml: one document");
-    docs.remove(0)
+    let mut compose = docs.remove(0);
+    // Services extend the shared environment with `<<: *resync-env`, as compose does.
+    compose.apply_merge().expect("docker-compose.yml: merge keys");
+    compose
 }
 
 /// Builds (if needed) a binary of another workspace package with the profile this test was

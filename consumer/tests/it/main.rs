@@ -5,4 +5,5 @@
 #![allow(clippy::unwrap_used)]
 
 mod pipeline;
+mod pooler;
 mod support;

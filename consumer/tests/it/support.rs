@@ -12,7 +12,7 @@ use resync_bus::{
     SnsSqsTransport, Stream, Transport,
 };
 use resync_consumer::{
-    AppliedStore, Consumer, ConsumerConfig, Processor, RetryPolicy, Sink, SinkError, SinkWrite,
+    AppliedStore, Consumer, ConsumerConfig, Db, Pooling, Processor, RetryPolicy, Sink, SinkError, SinkWrite,
 };
 use resync_locks::{LockConfig, Locker};
 use resync_migrations::Schema;
@@ -171,9 +171,11 @@ impl World {
         if let Err(err) = resync_migrations::migrate(&Service::Postgres.url(), &schema).await {
             service_unreachable(Service::Postgres, err);
         }
-        let pool = resync_consumer::store::connect(&Service::Postgres.url(), 10)
+        let pool = Db::connect(&Service::Postgres.url(), 10, Pooling::Direct)
             .await
-            .unwrap_or_else(|e| service_unreachable(Service::Postgres, e));
+            .unwrap_or_else(|e| service_unreachable(Service::Postgres, e))
+            .pool()
+            .clone();
         let queue = unique_name("cq");
         let mut spec = QueueSpec::new(&queue);
         spec.max_receive_count = 3;
@@ -201,12 +203,17 @@ impl World {
     }
 
     pub(crate) async fn processor(&self, lease: Duration) -> Processor {
+        self.processor_through(lease, self.pool.clone().into()).await
+    }
+
+    /// A processor whose applied-version store uses `db`.
+    pub(crate) async fn processor_through(&self, lease: Duration, db: Db) -> Processor {
         let retry = RetryPolicy {
             max_receive_count: 3,
             min_backoff: Duration::from_millis(20),
             ..RetryPolicy::default()
         };
-        let store = AppliedStore::new(self.pool.clone(), self.schema.clone());
+        let store = AppliedStore::new(db, self.schema.clone());
         Processor::new(
             store,
             self.locker(lease).await,
@@ -218,10 +225,21 @@ impl World {
 
     /// A consumer with its own broker connection, as a separate process would have.
     pub(crate) async fn consumer(&self, transport: Arc<dyn Transport>, lease: Duration) -> Consumer {
+        self.consumer_through(transport, lease, self.pool.clone().into()).await
+    }
+
+    /// A consumer whose Postgres statements (versions, pause state) go through `db`.
+    pub(crate) async fn consumer_through(
+        &self,
+        transport: Arc<dyn Transport>,
+        lease: Duration,
+        db: Db,
+    ) -> Consumer {
         let mut config = ConsumerConfig::new("svc", vec![(Stream::Live, self.queue.clone())]);
         config.pause_poll = Duration::from_millis(300);
         config.concurrency = 8;
-        Consumer::new(transport, self.processor(lease).await, self.pool.clone(), self.schema.clone(), config)
+        let processor = self.processor_through(lease, db.clone()).await;
+        Consumer::new(transport, processor, db, self.schema.clone(), config)
     }
 
     pub(crate) async fn publish(&self, events: &[Envelope]) {
