@@ -70,7 +70,7 @@ pub enum DemoError {
     NotConverged { waited: Duration, mismatches: usize },
 }
 
-fn step<E: fmt::Display>(what: &'static str) -> impl FnOnce(E) -> DemoError {
+pub(crate) fn step<E: fmt::Display>(what: &'static str) -> impl FnOnce(E) -> DemoError {
     move |e| DemoError::Step { what, detail: e.to_string() }
 }
 
@@ -132,13 +132,13 @@ impl fmt::Display for Report {
 }
 
 /// Everything the demo created, to remove at the end.
-struct Stage {
-    schema: Schema,
-    namespace: String,
-    pool: PgPool,
-    transport: Arc<dyn Transport>,
-    topology: Topology,
-    config_dir: PathBuf,
+pub(crate) struct Stage {
+    pub(crate) schema: Schema,
+    pub(crate) namespace: String,
+    pub(crate) pool: PgPool,
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) topology: Topology,
+    pub(crate) config_dir: PathBuf,
 }
 
 /// Runs the demo and returns its report; an error if a step failed or the third party did
@@ -147,7 +147,9 @@ pub async fn run(options: &DemoOptions) -> Result<Report, DemoError> {
     let started = Instant::now();
     let api = resync_apisim::start(faults()).await.map_err(step("starting the API simulator"))?;
     let client = api.client().map_err(step("API simulator client"))?;
-    let stage = provision(options, &api.url()).await?;
+    let api_url = api.url();
+    let configs = |dir: &std::path::Path, schema: &Schema| write_service_configs(dir, &api_url, schema);
+    let stage = provision("demo", &options.transport, &options.database_url, &configs).await?;
     let result = drive(options, &stage, &client).await;
     if !options.keep {
         cleanup(&stage).await;
@@ -171,15 +173,21 @@ fn faults() -> ApiConfig {
     }
 }
 
-async fn provision(options: &DemoOptions, api_url: &str) -> Result<Stage, DemoError> {
+/// A namespace of topics and queues (`<prefix>-<suffix>`), a schema, and the service configs
+/// `write_configs` puts in a fresh directory, provisioned with fare.
+pub(crate) async fn provision(
+    prefix: &str,
+    transport: &str,
+    database_url: &str,
+    write_configs: &dyn Fn(&std::path::Path, &Schema) -> std::io::Result<()>,
+) -> Result<Stage, DemoError> {
     let suffix = format!("{:x}", uuid::Uuid::now_v7().as_u128() & 0xffff_ffff);
-    let namespace = format!("demo-{suffix}");
-    let schema = Schema::new(format!("resync_demo_{suffix}")).map_err(step("schema name"))?;
+    let namespace = format!("{prefix}-{suffix}");
+    let schema = Schema::new(format!("resync_{prefix}_{suffix}")).map_err(step("schema name"))?;
     let config_dir = std::env::temp_dir().join(&namespace);
-    write_service_configs(&config_dir, api_url, &schema)
-        .map_err(step("writing the demo's service configs"))?;
+    write_configs(&config_dir, &schema).map_err(step("writing the service configs"))?;
     let catalog = fare_config::load_dir(&config_dir).map_err(step("loading the service configs"))?;
-    let transport = TransportConfig::named(&options.transport)
+    let transport = TransportConfig::named(transport)
         .map_err(step("choosing the transport"))?
         .connect()
         .await
@@ -187,10 +195,10 @@ async fn provision(options: &DemoOptions, api_url: &str) -> Result<Stage, DemoEr
     let topology = Topology::desired(&catalog, Some(&namespace));
     fare_config::apply(transport.as_ref(), &topology).await.map_err(step("fare apply"))?;
     info!(%namespace, "provisioned topics and queues with fare");
-    resync_migrations::migrate(&options.database_url, &schema)
+    resync_migrations::migrate(database_url, &schema)
         .await
         .map_err(step("migrating Postgres (run scripts/services-up)"))?;
-    let pool = resync_consumer::Db::connect(&options.database_url, 16, Pooling::Direct)
+    let pool = resync_consumer::Db::connect(database_url, 16, Pooling::Direct)
         .await
         .map_err(step("connecting to Postgres"))?
         .pool()
@@ -471,7 +479,7 @@ async fn first_seq(stage: &Stage) -> Result<i64, DemoError> {
         .map_err(step("reading the event log"))
 }
 
-async fn cleanup(stage: &Stage) {
+pub(crate) async fn cleanup(stage: &Stage) {
     let _ = fare_config::delete(stage.transport.as_ref(), &stage.topology).await;
     let _ = sqlx::query(stage.schema.sql("DROP SCHEMA {schema} CASCADE")).execute(&stage.pool).await;
     let _ = std::fs::remove_dir_all(&stage.config_dir);

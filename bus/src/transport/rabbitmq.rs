@@ -229,14 +229,25 @@ fn backoff(config: &RabbitMqConfig) -> ExponentialBackoff {
         .build()
 }
 
+/// The AMQP frame size resync asks for unless the URL sets `?frame_max=`.
+///
+/// lapin keeps a receive and a send buffer of 32 frames per connection, allocated and zeroed
+/// up front: at RabbitMQ's default of 128 KiB that is 8 MiB per connection, and a consumer has
+/// three (consume, publish, admin), which made up most of a consumer process's memory. Envelopes
+/// are a few hundred bytes; a larger one is simply sent in several frames.
+const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
+
 async fn connect(config: &RabbitMqConfig, role: &str) -> Result<Connection> {
-    let name = format!("{}/{role}", config.connection_name);
-    let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
-    Connection::connect(&config.url, properties).await.map_err(|e| TransportError::Connect {
+    let connect_error = |detail: String| TransportError::Connect {
         transport: "rabbitmq",
         endpoint: config.redacted_url(),
-        detail: e.to_string(),
-    })
+        detail,
+    };
+    let mut uri: lapin::uri::AMQPUri = config.url.parse().map_err(connect_error)?;
+    uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
+    let name = format!("{}/{role}", config.connection_name);
+    let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
+    Connection::connect_uri(uri, properties).await.map_err(|e| connect_error(e.to_string()))
 }
 
 /// Connects, retrying with backoff until `deadline`.
