@@ -23,6 +23,10 @@ use tracing::info;
 use crate::run::{DemoError, Stage, cleanup, provision, step};
 use crate::scenario::{SourceTable, compare};
 
+/// Postgres connections the consumers share through PgBouncer (the server allows 100; the job
+/// and this process use some directly).
+const SERVER_CONNECTIONS: u32 = 30;
+
 /// The rate limit of the third party changes to `per_second`, `after` the job started.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LimitChange {
@@ -243,6 +247,16 @@ impl ConsumerProcess {
     }
 }
 
+impl Drop for ConsumerProcess {
+    /// A consumer left running when the run fails is killed with it.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Runs the scale test and returns its report.
 pub async fn run(options: &ScaleOptions) -> Result<ScaleReport, DemoError> {
     let faults = ApiConfig { rate_limit_per_sec: Some(options.rate), ..ApiConfig::default() };
@@ -289,11 +303,13 @@ async fn drive(
     let source =
         SourceTable::create(&stage.pool, &stage.schema).await.map_err(step("creating the source table"))?;
     insert_rows(stage, options.entities).await?;
-    let bouncer = PgBouncer::start(20, (options.consumers * 3 + 50) as u32).await;
+    let bouncer = PgBouncer::start(SERVER_CONNECTIONS, (options.consumers * 3 + 50) as u32).await;
     info!(consumers = options.consumers, "starting consumer processes");
     let mut consumers = Vec::with_capacity(options.consumers);
+    let mut port = 20_000;
     for index in 0..options.consumers {
-        consumers.push(spawn_consumer(options, stage, &bouncer, index)?);
+        port = free_port(port)?;
+        consumers.push(spawn_consumer(options, stage, &bouncer, index, port)?);
     }
     wait_until_ready(&mut consumers, stage).await?;
     info!("every consumer is ready; starting the resync job");
@@ -438,11 +454,13 @@ async fn insert_rows(stage: &Stage, entities: usize) -> Result<(), DemoError> {
     Ok(())
 }
 
-fn free_port() -> Result<u16, DemoError> {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(step("finding a free port"))
+/// A port for the consumer's /readyz and /metrics, free now and below the kernel's ephemeral
+/// range (32768 and up by default), so no outgoing connection of another process takes it
+/// before the consumer binds it.
+fn free_port(after: u16) -> Result<u16, DemoError> {
+    (after + 1..32_768).find(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok()).ok_or_else(
+        || DemoError::Step { what: "finding a free port", detail: format!("none in {after}..32768") },
+    )
 }
 
 fn spawn_consumer(
@@ -450,8 +468,8 @@ fn spawn_consumer(
     stage: &Stage,
     bouncer: &PgBouncer,
     index: usize,
+    port: u16,
 ) -> Result<ConsumerProcess, DemoError> {
-    let port = free_port()?;
     let log = std::fs::File::create(stage.config_dir.join(format!("consumer-{index}.log")))
         .map_err(step("creating a consumer log"))?;
     let child = Command::new(&options.resync_bin)
