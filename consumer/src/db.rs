@@ -114,13 +114,6 @@ impl Db {
         }
     }
 
-    /// Runs a statement without parameters in the simple query protocol: one message and one
-    /// round trip, its own transaction, so neither a transaction wrapper nor a prepared
-    /// statement is needed, whatever the pooling.
-    pub async fn fetch_simple(&self, sql: sqlx::SqlStr) -> Result<Vec<PgRow>, sqlx::Error> {
-        sqlx::raw_sql(sql).fetch_all(&self.pool).await
-    }
-
     /// Runs a statement for its effect.
     pub async fn execute(
         &self,
