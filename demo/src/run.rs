@@ -206,7 +206,9 @@ pub(crate) async fn provision(
     Ok(Stage { schema, namespace, pool, transport, topology, config_dir })
 }
 
-fn write_service_configs(dir: &std::path::Path, api_url: &str, schema: &Schema) -> std::io::Result<()> {
+/// `listings.toml` in `dir` (created): the service publishing listings, with its source table
+/// in `schema` mapped for resync jobs.
+pub(crate) fn write_listings_config(dir: &std::path::Path, schema: &Schema) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(
         dir.join("listings.toml"),
@@ -216,7 +218,11 @@ fn write_service_configs(dir: &std::path::Path, api_url: &str, schema: &Schema) 
              deleted_column = \"deleted\"\n",
             schema.name()
         ),
-    )?;
+    )
+}
+
+fn write_service_configs(dir: &std::path::Path, api_url: &str, schema: &Schema) -> std::io::Result<()> {
+    write_listings_config(dir, schema)?;
     std::fs::write(
         dir.join("channel-sync.toml"),
         format!(
@@ -409,7 +415,7 @@ async fn replay_some(stage: &Stage) -> Result<u64, DemoError> {
 /// A resync job over every listing (as `resync job start --entity listing` runs it), from a
 /// snapshot of the table as it is now, while live events may still be in flight: the version
 /// rule keeps the two streams correct together. Returns once the sink applied every row.
-async fn run_resync_job(stage: &Stage, catalog: &Catalog) -> Result<usize, DemoError> {
+pub(crate) async fn run_resync_job(stage: &Stage, catalog: &Catalog) -> Result<usize, DemoError> {
     let source = catalog.services.iter().flat_map(|s| s.sources.iter()).find(|s| s.entity == "listing");
     let source = source.ok_or_else(|| DemoError::Step {
         what: "finding the listings source",

@@ -16,11 +16,10 @@ use std::time::{Duration, Instant};
 
 use resync_apisim::{Config as ApiConfig, FaultsPatch, Stats};
 use resync_migrations::Schema;
-use resync_snapshotter::JobOptions;
 use resync_testkit::pgbouncer::PgBouncer;
 use tracing::info;
 
-use crate::run::{DemoError, Stage, cleanup, provision, step};
+use crate::run::{DemoError, Stage, cleanup, provision, run_resync_job, step, write_listings_config};
 use crate::scenario::{SourceTable, compare};
 
 /// Postgres connections the consumers share through PgBouncer (the server allows 100; the job
@@ -274,16 +273,7 @@ pub async fn run(options: &ScaleOptions) -> Result<ScaleReport, DemoError> {
 }
 
 fn write_configs(dir: &Path, api_url: &str, schema: &Schema, rate: f64) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(
-        dir.join("listings.toml"),
-        format!(
-            "name = \"listings\"\npublishes = [\"listing.created\", \"listing.updated\", \"listing.deleted\"]\n\n\
-             [[sources]]\nentity = \"listing\"\ntable = \"{}.listings\"\ndata_column = \"data\"\n\
-             deleted_column = \"deleted\"\n",
-            schema.name()
-        ),
-    )?;
+    write_listings_config(dir, schema)?;
     std::fs::write(
         dir.join("sync.toml"),
         format!(
@@ -316,13 +306,8 @@ async fn drive(
 
     let started = Instant::now();
     let catalog = fare_config::load_dir(&stage.config_dir).map_err(step("loading the service configs"))?;
-    let mut job = tokio::spawn(run_job(
-        stage.pool.clone(),
-        stage.schema.clone(),
-        stage.namespace.clone(),
-        stage.transport.clone(),
-        catalog,
-    ));
+    let job = run_resync_job(stage, &catalog);
+    tokio::pin!(job);
     let mut report = ScaleReport {
         consumers: options.consumers,
         entities: options.entities,
@@ -339,7 +324,7 @@ async fn drive(
     let completion = loop {
         tokio::select! {
             done = &mut job => {
-                done.map_err(step("the resync job task"))??;
+                done?;
                 break started.elapsed();
             }
             _ = tokio::time::sleep_until(next_sample.into()) => {}
@@ -536,33 +521,6 @@ async fn stop_all(consumers: &mut [ConsumerProcess]) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-}
-
-/// Creates the job over the listings, publishes it, and waits until the sink applied every row.
-async fn run_job(
-    pool: sqlx::PgPool,
-    schema: Schema,
-    namespace: String,
-    transport: std::sync::Arc<dyn resync_bus::Transport>,
-    catalog: fare_config::Catalog,
-) -> Result<(), DemoError> {
-    let source = catalog.services.iter().flat_map(|s| s.sources.iter()).find(|s| s.entity == "listing");
-    let source = source.ok_or_else(|| DemoError::Step {
-        what: "finding the listings source",
-        detail: "listings.toml maps no source".into(),
-    })?;
-    let sinks = catalog.services.iter().filter(|s| s.sink.is_some()).map(|s| s.sink_name()).collect();
-    let job_options = JobOptions { sinks, ..JobOptions::default() };
-    let id = resync_snapshotter::create(&pool, &schema, Some(&namespace), source, &job_options)
-        .await
-        .map_err(step("creating the resync job"))?;
-    resync_snapshotter::run(&pool, &schema, transport.as_ref(), id)
-        .await
-        .map_err(step("running the resync job"))?;
-    resync_snapshotter::await_completion(&pool, &schema, id, Duration::from_millis(200))
-        .await
-        .map_err(step("waiting for the resync job to complete"))?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use rand::seq::{IndexedRandom, SliceRandom};
 use resync_bus::{Destination, OutgoingMessage, Routing, Stream, Transport, attr, dead_letter_queue_name};
 use resync_consumer::{Outcome, QueueState, control};
 
-use crate::support::{World, history, rabbitmq, run_until, sns_sqs, with_world};
+use crate::support::{World, history, newest_states, rabbitmq, run_until, sns_sqs, with_world};
 
 /// Connects a fresh transport (each consumer gets its own, as separate processes would).
 type Connect = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Arc<dyn Transport>> + Send>>;
@@ -35,22 +35,8 @@ async fn duplicates_and_shuffled_order_case(
         for _ in 0..4 {
             consumers.push(w.consumer(make().await, Duration::from_secs(5)).await);
         }
-        let expected: HashMap<String, (i64, bool)> = history(entities, versions)
-            .into_iter()
-            .filter(|e| e.version == versions)
-            .map(|e| (e.entity_id, (e.version, e.deleted)))
-            .collect();
-        let sink = w.sink.clone();
-        let (transport, queue) = (w.transport.clone(), w.queue.clone());
-        run_until(consumers, Duration::from_secs(240), || {
-            let (sink, transport, queue, expected) =
-                (sink.clone(), transport.clone(), queue.clone(), expected.clone());
-            async move {
-                sink.state() == expected
-                    && transport.queue_depth(&queue).await.map(|d| d.ready == 0).unwrap_or(false)
-            }
-        })
-        .await;
+        let expected = newest_states(entities, versions);
+        w.run_until_applied(consumers, &expected, Duration::from_secs(240)).await;
         assert_eq!(w.sink.state(), expected, "the third party ends with the newest state of every entity");
         assert_eq!(w.sink.stale_overwrites(), vec![], "no older version was ever written after a newer one");
         let calls = w.sink.calls.load(Ordering::SeqCst) as usize;

@@ -1,7 +1,6 @@
 //! Many consumers through a transaction-mode PgBouncer: what lets 150+ consumer processes run
 //! against a Postgres whose `max_connections` is 100.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use rand::SeedableRng;
@@ -10,7 +9,7 @@ use resync_consumer::{Db, Pooling};
 use resync_testkit::pgbouncer::PgBouncer;
 use sqlx::{Connection, Row};
 
-use crate::support::{World, history, rabbitmq, run_until, with_world};
+use crate::support::{World, history, newest_states, rabbitmq, with_world};
 
 const CONSUMERS: usize = 150;
 const SERVER_CONNECTIONS: u32 = 8;
@@ -47,22 +46,8 @@ async fn a_hundred_and_fifty_consumers_share_eight_postgres_connections_through_
         let clients = pooler_rows(&mut admin, "SHOW CLIENTS", database).await;
         assert!(clients >= CONSUMERS, "every consumer holds a client connection ({clients})");
 
-        let expected: HashMap<String, (i64, bool)> = history(entities, versions)
-            .into_iter()
-            .filter(|e| e.version == versions)
-            .map(|e| (e.entity_id, (e.version, e.deleted)))
-            .collect();
-        let sink = w.sink.clone();
-        let (transport, queue) = (w.transport.clone(), w.queue.clone());
-        run_until(consumers, Duration::from_secs(240), || {
-            let (sink, transport, queue, expected) =
-                (sink.clone(), transport.clone(), queue.clone(), expected.clone());
-            async move {
-                sink.state() == expected
-                    && transport.queue_depth(&queue).await.map(|d| d.ready == 0).unwrap_or(false)
-            }
-        })
-        .await;
+        let expected = newest_states(entities, versions);
+        w.run_until_applied(consumers, &expected, Duration::from_secs(240)).await;
         assert_eq!(w.sink.state(), expected, "the third party ends with the newest state of every entity");
         assert_eq!(w.sink.stale_overwrites(), vec![], "no older version was ever written after a newer one");
         let servers = pooler_rows(&mut admin, "SHOW SERVERS", database).await;

@@ -242,6 +242,26 @@ impl World {
         Consumer::new(transport, processor, db, self.schema.clone(), config)
     }
 
+    /// Runs `consumers` until the sink holds `expected` and the queue is drained.
+    pub(crate) async fn run_until_applied(
+        &self,
+        consumers: Vec<Consumer>,
+        expected: &HashMap<String, (i64, bool)>,
+        limit: Duration,
+    ) {
+        let sink = self.sink.clone();
+        let (transport, queue) = (self.transport.clone(), self.queue.clone());
+        run_until(consumers, limit, || {
+            let (sink, transport, queue, expected) =
+                (sink.clone(), transport.clone(), queue.clone(), expected.clone());
+            async move {
+                sink.state() == expected
+                    && transport.queue_depth(&queue).await.map(|d| d.ready == 0).unwrap_or(false)
+            }
+        })
+        .await;
+    }
+
     pub(crate) async fn publish(&self, events: &[Envelope]) {
         for chunk in events.chunks(100) {
             let messages = chunk.iter().map(OutgoingMessage::from_envelope).collect();
@@ -297,6 +317,15 @@ where
 }
 
 /// `n` versions per entity for `entities` entities, the last of each sometimes a tombstone.
+/// The final state of every entity of [`history`]: its newest version and whether it ends deleted.
+pub(crate) fn newest_states(entities: usize, versions: i64) -> HashMap<String, (i64, bool)> {
+    history(entities, versions)
+        .into_iter()
+        .filter(|e| e.version == versions)
+        .map(|e| (e.entity_id, (e.version, e.deleted)))
+        .collect()
+}
+
 pub(crate) fn history(entities: usize, versions: i64) -> Vec<Envelope> {
     let mut events = Vec::new();
     for e in 0..entities {
