@@ -172,10 +172,6 @@ impl QueueLoop {
         let mut subscription: Option<Box<dyn Subscription>> = None;
         let mut paused = false;
         let mut last_pause_check: Option<tokio::time::Instant> = None;
-        // After an empty poll the queue is waited on with one processing slot, not a batch's
-        // worth: the slots are shared with the service's other queues, and an idle queue
-        // (the live one during a resync) holding them for a whole poll starves a busy one.
-        let mut idle = false;
         let result = loop {
             if shutdown.is_cancelled() {
                 break Ok(());
@@ -213,11 +209,9 @@ impl QueueLoop {
                     Err(source) => break Err(ConsumerError::Queue { queue: self.queue.clone(), source }),
                 },
             };
-            let max_batch = if idle { 1 } else { self.batch_size };
-            let Some(taken) = take_permits(&permits, &shutdown, max_batch).await else { continue };
+            let Some(taken) = take_permits(&permits, &shutdown, self.batch_size).await else { continue };
             match open.next_batch(taken.len(), POLL_WAIT).await {
                 Ok(batch) => {
-                    idle = batch.is_empty();
                     // Unused permits (a short batch) go back at once; the rest with the batch.
                     let (used, unused) = split_permits(taken, batch.len());
                     drop(unused);
