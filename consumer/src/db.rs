@@ -91,10 +91,6 @@ impl Db {
         &self.pool
     }
 
-    pub fn pooling(&self) -> Pooling {
-        self.pooling
-    }
-
     /// Runs a statement that returns rows.
     pub async fn fetch_all<'q, O>(
         &self,

@@ -106,10 +106,6 @@ impl AppliedStore {
         Self { db: db.into(), schema }
     }
 
-    pub fn db(&self) -> &Db {
-        &self.db
-    }
-
     pub fn schema(&self) -> &Schema {
         &self.schema
     }
