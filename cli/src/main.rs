@@ -386,12 +386,7 @@ async fn consume(common: &Common, schema: Schema, args: ConsumeArgs) -> Result<(
     if let Some(prefetch) = args.prefetch {
         service.consumer.prefetch = prefetch;
     }
-    let lock = resync_locks::LockConfig {
-        lease: args.lock_lease,
-        renew_every: args.lock_lease / 3,
-        op_timeout: (args.lock_lease / 5).min(Duration::from_secs(2)),
-        ..resync_locks::LockConfig::default()
-    };
+    let lock = resync_consumer::service::lock_config(args.lock_lease);
     let runtime = resync_consumer::service::Runtime {
         database_url: common.database_url.clone(),
         schema,

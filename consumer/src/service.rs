@@ -33,6 +33,23 @@ pub struct Runtime {
     pub db_pooling: Pooling,
 }
 
+/// How a consumer locks entities with leases of `lease`: renewed every third of it, each Redis
+/// call bounded by a fifth of it (at most 2 s).
+///
+/// The consumer never uses fencing tokens (the version rule's compare-and-set in Postgres is
+/// what stops a stale writer), so the per-key fence counter need not outlive a lease: Redis
+/// then holds the keys of the entities touched within one lease, not ~160 bytes per entity for
+/// a day (1.6 GB after a 10-million-entity resync with the lock crate's default).
+pub fn lock_config(lease: Duration) -> LockConfig {
+    LockConfig {
+        lease,
+        renew_every: lease / 3,
+        op_timeout: (lease / 5).min(Duration::from_secs(2)),
+        fence_ttl: lease,
+        ..LockConfig::default()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("{file}: service `{service}` has no [sink] section; `resync consume` needs one", file = .file.display())]
@@ -148,4 +165,18 @@ pub async fn build_with_autoscaler(
         drain_target: Duration::from_secs(60),
     };
     Ok((Consumer::new(transport, processor, db, runtime.schema.clone(), config), autoscaler))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumer_locks_are_valid_and_keep_no_fence_counter_past_a_lease() {
+        for lease in [Duration::from_secs(1), Duration::from_secs(15), Duration::from_secs(120)] {
+            let config = lock_config(lease);
+            assert!(config.validate().is_ok(), "{config:?}");
+            assert_eq!(config.fence_ttl, lease);
+        }
+    }
 }

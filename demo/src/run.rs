@@ -308,7 +308,7 @@ async fn start_consumers(
         schema: stage.schema.clone(),
         namespace: Some(stage.namespace.clone()),
         redis_url: options.redis_url.clone(),
-        lock: LockConfig::default(),
+        lock: resync_consumer::service::lock_config(LockConfig::default().lease),
         db_pool_size: 4,
         db_pooling: Pooling::Direct,
     };

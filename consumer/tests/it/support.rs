@@ -192,10 +192,8 @@ impl World {
 
     pub(crate) async fn locker(&self, lease: Duration) -> Locker {
         let config = LockConfig {
-            lease,
-            renew_every: lease / 3,
             op_timeout: (lease / 4).min(Duration::from_secs(2)),
-            ..LockConfig::default()
+            ..resync_consumer::service::lock_config(lease)
         };
         Locker::connect(&Service::Redis.url(), config)
             .await
