@@ -19,10 +19,11 @@ use lapin::{Connection, ConnectionProperties};
 use resync_bus::{
     Destination, Envelope, OutgoingMessage, QueueSpec, RabbitMqConfig, RabbitMqTransport, Stream, Transport,
 };
+use resync_consumer::service;
 use resync_consumer::{
     AppliedStore, Consumer, ConsumerConfig, Pooling, Processor, RetryPolicy, Sink, SinkError, SinkWrite,
 };
-use resync_locks::{LockConfig, Locker};
+use resync_locks::Locker;
 use resync_migrations::Schema;
 use resync_testkit::{Service, service_unreachable, unique_name};
 use tokio_util::sync::CancellationToken;
@@ -100,7 +101,7 @@ async fn main() {
         .expect("pool")
         .pool()
         .clone();
-    let locker = Locker::connect(&Service::Redis.url(), LockConfig::default())
+    let locker = Locker::connect(&Service::Redis.url(), service::lock_config(service::DEFAULT_LOCK_LEASE))
         .await
         .unwrap_or_else(|e| service_unreachable(Service::Redis, e));
 

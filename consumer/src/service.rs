@@ -33,6 +33,9 @@ pub struct Runtime {
     pub db_pooling: Pooling,
 }
 
+/// The entity-lock lease `resync consume` uses unless told otherwise (`--lock-lease`).
+pub const DEFAULT_LOCK_LEASE: Duration = Duration::from_secs(15);
+
 /// How a consumer locks entities with leases of `lease`: renewed every third of it, each Redis
 /// call bounded by a fifth of it (at most 2 s).
 ///

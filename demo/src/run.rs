@@ -12,8 +12,8 @@ use futures::future::join_all;
 use rand::Rng;
 use resync_apisim::{Config as ApiConfig, Latency};
 use resync_bus::{Transport, TransportConfig};
-use resync_consumer::{Consumer, Outcome, Pooling, service::Runtime};
-use resync_locks::LockConfig;
+use resync_consumer::service::{DEFAULT_LOCK_LEASE, Runtime, lock_config};
+use resync_consumer::{Consumer, Outcome, Pooling};
 use resync_migrations::Schema;
 use resync_producer::{NewEvent, Relay, RelayConfig, ReplayRequest, ReplayTarget};
 use resync_snapshotter::JobOptions;
@@ -308,7 +308,7 @@ async fn start_consumers(
         schema: stage.schema.clone(),
         namespace: Some(stage.namespace.clone()),
         redis_url: options.redis_url.clone(),
-        lock: resync_consumer::service::lock_config(LockConfig::default().lease),
+        lock: lock_config(DEFAULT_LOCK_LEASE),
         db_pool_size: 4,
         db_pooling: Pooling::Direct,
     };

@@ -314,7 +314,6 @@ where
     }
 }
 
-/// `n` versions per entity for `entities` entities, the last of each sometimes a tombstone.
 /// The final state of every entity of [`history`]: its newest version and whether it ends deleted.
 pub(crate) fn newest_states(entities: usize, versions: i64) -> HashMap<String, (i64, bool)> {
     history(entities, versions)
@@ -324,6 +323,7 @@ pub(crate) fn newest_states(entities: usize, versions: i64) -> HashMap<String, (
         .collect()
 }
 
+/// `n` versions per entity for `entities` entities, the last of each sometimes a tombstone.
 pub(crate) fn history(entities: usize, versions: i64) -> Vec<Envelope> {
     let mut events = Vec::new();
     for e in 0..entities {
