@@ -63,7 +63,9 @@ pub fn decide(
             Resend::IfChanged if a.content_hash == event_hash => Decision::SkipUnchanged,
             Resend::Always | Resend::IfChanged => Decision::Apply,
         },
-        Some(a) if a.content_hash == event_hash => Decision::SkipUnchanged,
+        // A resync re-sends whatever the record says: the third party may hold something else
+        // (and an unchanged live update left it at the older version).
+        Some(a) if a.content_hash == event_hash && resend != Resend::Always => Decision::SkipUnchanged,
         Some(_) => Decision::Apply,
     }
 }
@@ -160,6 +162,17 @@ mod tests {
         assert_eq!(decide(5, &same, Some(&a), None, Resend::IfChanged), Decision::SkipUnchanged);
         assert_eq!(decide(5, &other, Some(&a), None, Resend::IfChanged), Decision::Apply);
         assert_eq!(decide(4, &same, Some(&a), None, Resend::Always), Decision::Stale, "never older");
+    }
+
+    #[test]
+    fn a_resync_event_newer_than_the_record_is_sent_even_with_unchanged_content() {
+        // A live update that changed nothing was recorded without a call: the third party
+        // still holds the older version. The resync must send the newer one.
+        let a = applied(5, json!({"x": 1}));
+        let same = content_hash(&json!({"x": 1}), false);
+        assert_eq!(decide(6, &same, Some(&a), None, Resend::Always), Decision::Apply);
+        assert_eq!(decide(6, &same, Some(&a), None, Resend::IfChanged), Decision::SkipUnchanged);
+        assert_eq!(decide(6, &same, Some(&a), None, Resend::Never), Decision::SkipUnchanged);
     }
 
     #[test]

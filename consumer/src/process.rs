@@ -207,6 +207,41 @@ fn event_span(envelope: &Envelope) -> tracing::Span {
     )
 }
 
+/// How long a batch held its entity locks, phase by phase: other consumers wait for those
+/// locks, so a slow phase is worth a warning that names it.
+struct PhaseClock {
+    started: Instant,
+    last: Instant,
+    phases: Vec<(&'static str, Duration)>,
+}
+
+/// A batch holding its locks longer than this is reported (other consumers give up on a lock
+/// after the lock config's `acquire_timeout`, 10 s by default).
+const SLOW_LOCK_HOLD: Duration = Duration::from_secs(2);
+
+impl PhaseClock {
+    fn start() -> Self {
+        let now = Instant::now();
+        Self { started: now, last: now, phases: Vec::with_capacity(6) }
+    }
+
+    fn mark(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        self.phases.push((phase, now - self.last));
+        self.last = now;
+    }
+
+    fn report(&self, entities: usize) {
+        let held = self.started.elapsed();
+        metrics::histogram!("resync_consumer_lock_hold_seconds").record(held.as_secs_f64());
+        if held >= SLOW_LOCK_HOLD {
+            let phases: Vec<String> =
+                self.phases.iter().map(|(name, took)| format!("{name}={:.2}s", took.as_secs_f64())).collect();
+            warn!(entities, held = ?held, phases = %phases.join(" "), "a batch held its entity locks long");
+        }
+    }
+}
+
 /// Rounds of read-decide-write per event before giving up under contention.
 const MAX_ROUNDS: usize = 5;
 
@@ -339,6 +374,7 @@ impl Processor {
         if locked.is_empty() {
             return Vec::new();
         }
+        let mut phases = PhaseClock::start();
         // One statement reads what is applied and records the intent of the calls about to
         // start (see `sink_intents`).
         let newest: Vec<(&EntityId, i64)> = locked
@@ -352,6 +388,7 @@ impl Processor {
                 None
             }
         };
+        phases.mark("read");
         // First round of each entity's newest event: decide, then call the sink, concurrently.
         let decided: Vec<Option<Decided>> = locked
             .iter()
@@ -373,7 +410,9 @@ impl Processor {
             }
         }))
         .await;
+        phases.mark("sink");
         let cas = self.record_batch(&locked, &firsts).await;
+        phases.mark("record");
         let finished = join_all(
             locked
                 .iter()
@@ -382,21 +421,27 @@ impl Processor {
                 .map(|(((group, guard), first), cas)| self.finish_group(group, guard, first, cas)),
         )
         .await;
+        phases.mark("finish");
         let (groups, guards): (Vec<EntityGroup>, Vec<LockGuard>) = locked.into_iter().unzip();
+        let entities = guards.len();
+        // Every version is recorded: the locks are released before the deliveries are settled,
+        // so other consumers never wait for our broker round trips (an ack on a slow SQS took
+        // seconds, and a consumer gives up on a busy lock after `acquire_timeout`). A lock that
+        // cannot be released lapses with its lease; a lost lock was already handled by the
+        // compare-and-set.
+        if let Err(err) = self.locker.release_many(guards).await {
+            debug!(error = %err, "releasing entity locks failed; they expire with their lease");
+        }
+        phases.mark("release");
+        phases.report(entities);
         let settling = groups
             .into_iter()
             .zip(finished)
             .flat_map(|(group, results)| group.events.into_iter().zip(results));
-        let outcomes = join_all(settling.map(|((delivery, envelope), result)| async move {
+        join_all(settling.map(|((delivery, envelope), result)| async move {
             self.settle(delivery, &envelope, result).await
         }))
-        .await;
-        // A lock that cannot be released lapses with its lease; a lost lock was already
-        // handled by the compare-and-set.
-        if let Err(err) = self.locker.release_many(guards).await {
-            debug!(error = %err, "releasing entity locks failed; they expire with their lease");
-        }
-        outcomes
+        .await
     }
 
     /// An entity another consumer held: wait for its lock (holding no other), then apply its
@@ -413,11 +458,14 @@ impl Processor {
                 .map(|_| Err(ApplyError::Infrastructure(format!("entity lock: {err}"))))
                 .collect(),
         };
+        // Released before settling, as in `run_locked`.
+        if let Ok(guard) = lock {
+            let _ = guard.release().await;
+        }
         let mut outcomes = Vec::with_capacity(results.len());
         for ((delivery, envelope), result) in group.events.into_iter().zip(results) {
             outcomes.push(self.settle(delivery, &envelope, result).await);
         }
-        drop(lock);
         outcomes
     }
 
@@ -477,6 +525,13 @@ impl Processor {
             }
             .instrument(event_span(envelope))
             .await;
+            if let Err(ApplyError::Sink(SinkError::Rejected { .. })) = &result {
+                // Nothing landed: older events of the entity may be applied again. Cleared
+                // under the lock, so no other consumer's intent for this version is in flight.
+                if let Err(err) = self.store.clear_intent(key, envelope.version).await {
+                    warn!(error = %err, "could not clear the sink intent; older events stay stale");
+                }
+            }
             results.push(result);
         }
         results
@@ -530,15 +585,6 @@ impl Processor {
                 Err(ApplyError::Sink(SinkError::Rejected { status, body })) => {
                     let detail = format!("HTTP {status}: {body}");
                     warn!(status, "sink rejected the event; dead-lettering");
-                    // Nothing landed: older events of the entity may be applied again.
-                    let key = EntityKey {
-                        sink: self.sink.name(),
-                        entity_type: &envelope.entity_type,
-                        entity_id: &envelope.entity_id,
-                    };
-                    if let Err(err) = self.store.clear_intent(key, envelope.version).await {
-                        warn!(error = %err, "could not clear the sink intent; older events stay stale");
-                    }
                     let dead = DeadLetter { reason: DeadLetterReason::SinkRejected { status }, detail };
                     self.remember_dead_letter(envelope, &dead).await;
                     self.dead_letter(delivery, dead).await
