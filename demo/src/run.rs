@@ -13,6 +13,7 @@ use rand::Rng;
 use resync_apisim::{Config as ApiConfig, Latency};
 use resync_bus::{Transport, TransportConfig};
 use resync_consumer::service::{DEFAULT_LOCK_LEASE, Runtime, lock_config};
+use resync_consumer::store::EntityKey;
 use resync_consumer::{Consumer, Outcome, Pooling};
 use resync_migrations::Schema;
 use resync_producer::{NewEvent, Relay, RelayConfig, ReplayRequest, ReplayTarget};
@@ -22,7 +23,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::scenario::{Expected, SourceTable, compare};
+use crate::scenario::{Expected, Mismatch, SourceTable, compare};
 
 /// What the demo runs against and how big it is.
 #[derive(Debug, Clone)]
@@ -65,9 +66,9 @@ pub enum DemoError {
     Step { what: &'static str, detail: String },
     #[error(
         "the third party did not converge within {waited:?}: {mismatches} entities differ from the database \
-         (is a service down? run scripts/services-up)"
+         (is a service down? run scripts/services-up)\n{detail}"
     )]
-    NotConverged { waited: Duration, mismatches: usize },
+    NotConverged { waited: Duration, mismatches: usize, detail: String },
 }
 
 pub(crate) fn step<E: fmt::Display>(what: &'static str) -> impl FnOnce(E) -> DemoError {
@@ -248,7 +249,7 @@ async fn drive(
     write_through_outbox(options, stage, &source).await?;
     let replayed = replay_some(stage).await?;
     let resync_events = run_resync_job(stage, &catalog).await?;
-    let converged = wait_until_equal(options, stage, &source, client).await;
+    let converged = wait_until_equal(options, stage, &source, client, &catalog).await;
 
     shutdown.cancel();
     let tallies: Vec<_> = consumers.iter().map(|(c, _)| c.tally()).collect();
@@ -445,20 +446,58 @@ async fn wait_until_equal(
     stage: &Stage,
     source: &SourceTable,
     client: &resync_apisim::Client,
+    catalog: &Catalog,
 ) -> Result<usize, DemoError> {
     let started = Instant::now();
     loop {
         let expected = source.read_all(&stage.pool).await.map_err(step("reading the source table"))?;
         let actual = client.state().await.map_err(step("reading the API's state"))?;
-        let mismatches = compare("listing", &expected, &actual).len();
-        if mismatches == 0 && queues_drained(stage).await {
+        let mismatches = compare("listing", &expected, &actual);
+        if mismatches.is_empty() && queues_drained(stage).await {
             return Ok(0);
         }
         if started.elapsed() > options.deadline {
-            return Err(DemoError::NotConverged { waited: started.elapsed(), mismatches });
+            let detail = explain(stage, catalog, &mismatches).await;
+            return Err(DemoError::NotConverged {
+                waited: started.elapsed(),
+                mismatches: mismatches.len(),
+                detail,
+            });
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// For the first few entities that differ: what the database, the third party and the
+/// consumers' records (applied version, started call) hold, so a failure explains itself.
+async fn explain(stage: &Stage, catalog: &Catalog, mismatches: &[Mismatch]) -> String {
+    const SHOWN: usize = 10;
+    let sinks: Vec<String> =
+        catalog.services.iter().filter(|s| s.sink.is_some()).map(|s| s.sink_name()).collect();
+    let store = resync_consumer::AppliedStore::new(stage.pool.clone(), stage.schema.clone());
+    let mut out = String::new();
+    for mismatch in mismatches.iter().take(SHOWN) {
+        out.push_str(&format!(
+            "  listing/{}: database {:?}; third party {:?}",
+            mismatch.entity_id, mismatch.expected, mismatch.actual
+        ));
+        for sink in &sinks {
+            let key = EntityKey { sink, entity_type: "listing", entity_id: &mismatch.entity_id };
+            match store.current(key).await {
+                Ok(current) => out.push_str(&format!(
+                    "; {sink} applied {:?}, call started for version {:?}",
+                    current.applied.map(|a| (a.version, a.deleted, a.data)),
+                    current.started
+                )),
+                Err(err) => out.push_str(&format!("; {sink}: cannot read applied_versions: {err}")),
+            }
+        }
+        out.push('\n');
+    }
+    if mismatches.len() > SHOWN {
+        out.push_str(&format!("  ... and {} more\n", mismatches.len() - SHOWN));
+    }
+    out
 }
 
 async fn queues_drained(stage: &Stage) -> bool {
