@@ -105,15 +105,20 @@ impl SourceQuery {
             ));
         }
         let filter = if filter.is_empty() { "true".to_string() } else { filter.join(" AND ") };
+        // The output column `id` is text; in ORDER BY a bare `"id"` would name it (output names
+        // win there) and sort an integer key in text order, so the key is always qualified
+        // with the table's alias: chunks and checkpoints follow the key's own order.
+        let key = format!("src.{id}");
         let select = format!(
-            "SELECT {id}::text AS id, {}::bigint AS version, {deleted} AS deleted, {data} AS data FROM {table}",
+            "SELECT {key}::text AS id, {}::bigint AS version, {deleted} AS deleted, {data} AS data \
+             FROM {table} AS src",
             quote(&source.version_column)
         );
-        let upto = |n: u8| format!("(${n}::text IS NULL OR {id} <= CAST(${n} AS {id_type}))");
+        let upto = |n: u8| format!("(${n}::text IS NULL OR {key} <= CAST(${n} AS {id_type}))");
         let query = Self {
-            first_in_range: format!("{select} WHERE {filter} AND {} ORDER BY {id} LIMIT $1", upto(2)),
+            first_in_range: format!("{select} WHERE {filter} AND {} ORDER BY {key} LIMIT $1", upto(2)),
             after_in_range: format!(
-                "{select} WHERE {filter} AND {id} > CAST($1 AS {id_type}) AND {} ORDER BY {id} LIMIT $2",
+                "{select} WHERE {filter} AND {key} > CAST($1 AS {id_type}) AND {} ORDER BY {key} LIMIT $2",
                 upto(3)
             ),
             count: format!("SELECT count(*) FROM {table} WHERE {filter}"),

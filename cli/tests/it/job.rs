@@ -323,3 +323,115 @@ async fn parallel_readers_publish_the_table_as_of_one_snapshot() {
     assert_eq!((seen.len(), received), (ROWS, ROWS));
     setup.cleanup().await;
 }
+
+/// A job publishes every row of a table keyed by `key_type` exactly once (but for the chunk a
+/// reader may repeat after a crash, which does not happen here), and `job verify` counts every
+/// row once, with chunk sizes and reader counts where the ids' text order differs from their
+/// native order (1, 10, 100, 101, ..., 2, 20, ...): a job once read integer keys in text
+/// order against a numeric checkpoint and skipped rows.
+async fn every_row_of_a_keyed_table_is_published_once(key_type: &str, ids: &[String]) {
+    let namespace = unique_name("keys");
+    let schema = Schema::new(namespace.replace('-', "_")).expect("schema");
+    if let Err(err) = resync_migrations::migrate(&Service::Postgres.url(), &schema).await {
+        service_unreachable(Service::Postgres, err);
+    }
+    let pool = sqlx::PgPool::connect(&Service::Postgres.url()).await.expect("postgres");
+    let table = format!("{}.items", schema.name());
+    let create =
+        format!("CREATE TABLE {table} (id {key_type} PRIMARY KEY, version bigint NOT NULL, data jsonb)");
+    sqlx::query(sqlx::AssertSqlSafe(create)).execute(&pool).await.expect("create the table");
+    let insert = format!(
+        "INSERT INTO {table} SELECT CAST(id AS {key_type}), 1, jsonb_build_object('id', id) FROM unnest($1::text[]) id"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(insert)).bind(ids).execute(&pool).await.expect("rows");
+    let config_dir = std::env::temp_dir().join(&namespace);
+    std::fs::create_dir_all(&config_dir).expect("config dir");
+    let items = format!(
+        "name = \"items\"\npublishes = [\"item.updated\"]\n[[sources]]\nentity = \"item\"\ntable = \"{table}\"\n\
+         data_column = \"data\"\n"
+    );
+    std::fs::write(config_dir.join("items.toml"), items).expect("config");
+    let sync = "name = \"sync\"\n[[subscriptions]]\ntypes = [\"item.*\"]\nstreams = [\"resync\"]\n";
+    std::fs::write(config_dir.join("sync.toml"), sync).expect("config");
+    let transport = match TransportConfig::named("rabbitmq").expect("transport").connect().await {
+        Ok(transport) => transport,
+        Err(err) => service_unreachable(Service::RabbitMq, err),
+    };
+    let topology = Topology::desired(&fare_config::load_dir(&config_dir).expect("config"), Some(&namespace));
+    fare_config::apply(transport.as_ref(), &topology).await.expect("fare apply");
+    let queue = resync_bus::naming::queue_name(Some(&namespace), "sync", Stream::Resync);
+
+    for (chunk, readers) in [("7", "1"), ("10", "3"), ("1000", "2")] {
+        let args = ["job", "start", "--entity", "item", "--chunk-size", chunk, "--readers", readers];
+        let started = resync(&config_dir, &schema, &namespace).args(args).output().expect("job start");
+        assert!(started.status.success(), "{}", String::from_utf8_lossy(&started.stderr));
+        let stdout = String::from_utf8_lossy(&started.stdout);
+        let job = stdout.lines().find_map(|l| l.strip_prefix("job ")).expect("job id").trim().to_string();
+
+        let mut subscription = transport.subscribe(&queue, Default::default()).await.expect("subscribe");
+        let mut seen = BTreeMap::<String, usize>::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let batch = subscription.next_batch(100, Duration::from_millis(500)).await.expect("receive");
+            // `job start` returned once every event was confirmed: an empty queue is the end.
+            if batch.is_empty() && transport.queue_depth(&queue).await.expect("depth").ready == 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{key_type}: {} of {} rows",
+                seen.len(),
+                ids.len()
+            );
+            for delivery in batch {
+                let event = delivery.envelope(&Default::default()).expect("a valid envelope");
+                assert_eq!(event.data["id"].as_str(), Some(event.entity_id.as_str()), "{key_type}");
+                *seen.entry(event.entity_id).or_default() += 1;
+                delivery.ack().await.expect("ack");
+            }
+        }
+        let _ = subscription.close().await;
+        let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "{key_type}, chunks of {chunk}, {readers} readers: sent twice {twice:?}");
+        let want: BTreeSet<&String> = ids.iter().collect();
+        assert_eq!(
+            seen.keys().collect::<BTreeSet<_>>(),
+            want,
+            "{key_type}, chunks of {chunk}, {readers} readers"
+        );
+
+        let verify = ["job", "verify", &job, "--sink", "sync", "--json"];
+        let verified = resync(&config_dir, &schema, &namespace).args(verify).output().expect("verify");
+        let reports: serde_json::Value = serde_json::from_slice(&verified.stdout).expect("verify json");
+        assert_eq!(reports[0]["checked"].as_u64(), Some(ids.len() as u64), "{key_type}: {reports}");
+    }
+    let _ = fare_config::delete(transport.as_ref(), &topology).await;
+    let _ = sqlx::query(schema.sql("DROP SCHEMA {schema} CASCADE")).execute(&pool).await;
+    let _ = std::fs::remove_dir_all(&config_dir);
+}
+
+fn numbers(count: i64, scale: i64) -> Vec<String> {
+    (1..=count).map(|n| (n * scale).to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_over_integer_keys_publishes_every_row_once() {
+    every_row_of_a_keyed_table_is_published_once("integer", &numbers(300, 1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_over_bigint_keys_publishes_every_row_once() {
+    // Past 2^32, and of different lengths, so text order and numeric order differ.
+    every_row_of_a_keyed_table_is_published_once("bigint", &numbers(300, 33_333_333)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_over_uuid_keys_publishes_every_row_once() {
+    let ids: Vec<String> = (0..300).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    every_row_of_a_keyed_table_is_published_once("uuid", &ids).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_over_text_keys_publishes_every_row_once() {
+    every_row_of_a_keyed_table_is_published_once("text", &numbers(300, 1)).await;
+}
