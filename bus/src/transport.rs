@@ -243,6 +243,9 @@ pub enum DeadLetterReason {
     SinkRejected { status: u16 },
     /// The message was received more often than the queue allows.
     MaxReceivesExceeded,
+    /// The service does not subscribe to the event's type on its stream (published to its
+    /// queue by hand, or replayed to it): never sent to its sink.
+    NotSubscribed,
 }
 
 impl DeadLetterReason {
@@ -251,6 +254,7 @@ impl DeadLetterReason {
             DeadLetterReason::InvalidEnvelope => "invalid-envelope".into(),
             DeadLetterReason::SinkRejected { status } => format!("sink-rejected-{status}"),
             DeadLetterReason::MaxReceivesExceeded => "max-receives-exceeded".into(),
+            DeadLetterReason::NotSubscribed => "not-subscribed".into(),
         }
     }
 }

@@ -232,9 +232,13 @@ struct ReplayArgs {
     /// Only events of this entity type.
     #[arg(long)]
     entity_type: Option<String>,
-    /// Send only to this service's live queue instead of to every subscriber.
+    /// Send only to this service's live queue instead of to every subscriber, and only the
+    /// event types it subscribes to there (from its config in --config-dir).
     #[arg(long)]
     to_service: Option<String>,
+    /// The directory of service config files (the same one `fare` reads).
+    #[arg(long, env = "RESYNC_CONFIG_DIR", default_value = "services")]
+    config_dir: std::path::PathBuf,
 }
 
 #[derive(Args)]
@@ -248,6 +252,9 @@ struct StreamArgs {
     /// Why (shown in logs); pause only.
     #[arg(long)]
     reason: Option<String>,
+    /// The directory of service config files, where the service must be declared.
+    #[arg(long, env = "RESYNC_CONFIG_DIR", default_value = "services")]
+    config_dir: std::path::PathBuf,
 }
 
 fn parse_stream(text: &str) -> Result<Stream, String> {
@@ -312,10 +319,17 @@ async fn main() -> Result<()> {
             anyhow::ensure!(report.passed(), "entities were lost or overwritten by an older version");
         }
         Command::Replay(args) => {
-            let sent = replay(&cli.common, &schema, args).await?;
-            println!("replayed {sent} events");
+            let replayed = replay(&cli.common, &schema, args).await?;
+            println!("replayed {} events", replayed.sent);
+            if replayed.not_subscribed > 0 {
+                println!(
+                    "skipped {} events of types the service does not subscribe to",
+                    replayed.not_subscribed
+                );
+            }
         }
         Command::Pause(args) => {
+            find_service(&fare_config::load_dir(&args.config_dir)?, &args.service, &args.config_dir)?;
             let pool = connect_db(&cli.common).await?;
             resync_consumer::control::pause(
                 &pool,
@@ -331,6 +345,7 @@ async fn main() -> Result<()> {
             );
         }
         Command::Resume(args) => {
+            find_service(&fare_config::load_dir(&args.config_dir)?, &args.service, &args.config_dir)?;
             let pool = connect_db(&cli.common).await?;
             if resync_consumer::control::resume(&pool, &schema, &args.service, args.stream).await? {
                 println!("resumed {} {}", args.service, args.stream);
@@ -368,18 +383,7 @@ async fn relay(common: &Common, schema: Schema, args: RelayArgs) -> Result<()> {
 
 async fn consume(common: &Common, schema: Schema, args: ConsumeArgs) -> Result<()> {
     let catalog = fare_config::load_dir(&args.config_dir)?;
-    let mut service = catalog
-        .service(&args.service)
-        .with_context(|| {
-            let known: Vec<&str> = catalog.services.iter().map(|s| s.name.as_str()).collect();
-            format!(
-                "no service `{}` in {} (services there: {})",
-                args.service,
-                args.config_dir.display(),
-                known.join(", ")
-            )
-        })?
-        .clone();
+    let mut service = find_service(&catalog, &args.service, &args.config_dir)?.clone();
     if let Some(concurrency) = args.concurrency {
         service.consumer.concurrency = concurrency;
     }
@@ -418,25 +422,40 @@ async fn consume(common: &Common, schema: Schema, args: ConsumeArgs) -> Result<(
     Ok(())
 }
 
+/// The service named `name` in the configs of `dir`, or an error listing the services there.
+fn find_service<'a>(
+    catalog: &'a fare_config::Catalog,
+    name: &str,
+    dir: &std::path::Path,
+) -> Result<&'a fare_config::ServiceConfig> {
+    catalog.service(name).with_context(|| {
+        let known: Vec<&str> = catalog.services.iter().map(|s| s.name.as_str()).collect();
+        format!("no service `{name}` in {} (services there: {})", dir.display(), known.join(", "))
+    })
+}
+
 async fn connect_db(common: &Common) -> Result<sqlx::PgPool> {
     sqlx::PgPool::connect(&common.database_url)
         .await
         .context("connecting to Postgres (--database-url / RESYNC_DATABASE_URL)")
 }
 
-async fn replay(common: &Common, schema: &Schema, args: ReplayArgs) -> Result<u64> {
-    let pool = connect_db(common).await?;
-    let transport = TransportConfig::named(&common.transport)?.connect().await?;
+async fn replay(common: &Common, schema: &Schema, args: ReplayArgs) -> Result<resync_producer::Replayed> {
     let target = match &args.to_service {
-        Some(service) => ReplayTarget::Queue(resync_bus::naming::queue_name(
-            common.namespace.as_deref(),
-            service,
-            Stream::Live,
-        )),
+        Some(name) => {
+            let catalog = fare_config::load_dir(&args.config_dir)?;
+            let service = find_service(&catalog, name, &args.config_dir)?;
+            ReplayTarget::Queue {
+                queue: resync_bus::naming::queue_name(common.namespace.as_deref(), name, Stream::Live),
+                subscribed: service.subscribed(Stream::Live),
+            }
+        }
         None => ReplayTarget::AllSubscribers { namespace: common.namespace.clone() },
     };
+    let pool = connect_db(common).await?;
+    let transport = TransportConfig::named(&common.transport)?.connect().await?;
     let request = ReplayRequest { from: args.from, to: args.to, entity_type: args.entity_type, target };
-    let sent = resync_producer::replay(&pool, schema, &transport, &request).await?;
+    let replayed = resync_producer::replay(&pool, schema, &transport, &request).await?;
     transport.close().await?;
-    Ok(sent)
+    Ok(replayed)
 }

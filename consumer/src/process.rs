@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::future::join_all;
-use resync_bus::{DeadLetter, DeadLetterReason, DecodeLimits, Delivery, Envelope, Stream, attr};
+use resync_bus::{DeadLetter, DeadLetterReason, DecodeLimits, Delivery, Envelope, Filter, Stream, attr};
 use resync_locks::{LockGuard, Locker};
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -253,6 +253,8 @@ pub struct Processor {
     pub(crate) limits: DecodeLimits,
     /// Prefix of lock keys (the namespace), so environments sharing a Redis do not collide.
     pub(crate) lock_prefix: String,
+    /// The event types the service subscribes to, per stream; `None`: every type.
+    subscribed: Option<Vec<(Stream, Filter)>>,
     tally: Arc<Tally>,
 }
 
@@ -271,8 +273,39 @@ impl Processor {
             retry,
             limits: DecodeLimits::default(),
             lock_prefix,
+            subscribed: None,
             tally: Arc::default(),
         }
+    }
+
+    /// Applies only the event types the service subscribes to on each stream; anything else
+    /// that reaches its queues is dead-lettered as `not-subscribed`, never sent.
+    pub fn only_subscribed(mut self, subscribed: Vec<(Stream, Filter)>) -> Self {
+        self.subscribed = Some(subscribed);
+        self
+    }
+
+    /// Why the service must not apply `envelope`, if it must not.
+    fn unsubscribed(&self, envelope: &Envelope) -> Option<DeadLetter> {
+        let subscribed = self.subscribed.as_ref()?;
+        let accepted = subscribed
+            .iter()
+            .any(|(stream, filter)| *stream == envelope.stream && filter.matches(&envelope.event_type));
+        if accepted {
+            return None;
+        }
+        let patterns: Vec<String> = subscribed
+            .iter()
+            .filter(|(stream, _)| *stream == envelope.stream)
+            .flat_map(|(_, filter)| filter.patterns.iter().cloned())
+            .collect();
+        let detail = format!(
+            "event type `{}` on the {} stream: the service subscribes to [{}] there",
+            envelope.event_type,
+            envelope.stream,
+            patterns.join(", ")
+        );
+        Some(DeadLetter { reason: DeadLetterReason::NotSubscribed, detail })
     }
 
     /// What this processor did so far.
@@ -301,6 +334,11 @@ impl Processor {
                 continue;
             }
             match delivery.envelope(&self.limits) {
+                Ok(envelope) if let Some(dead) = self.unsubscribed(&envelope) => {
+                    warn!(queue = %delivery.queue, event_type = %envelope.event_type, entity_id = %envelope.entity_id,
+                        "event type not subscribed; dead-lettering");
+                    outcomes.push(self.dead_letter(delivery, dead).await);
+                }
                 Ok(envelope) => {
                     let entity = EntityId {
                         entity_type: envelope.entity_type.clone(),

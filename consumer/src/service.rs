@@ -151,7 +151,10 @@ pub async fn build_with_autoscaler(
     let locker = Locker::connect(&runtime.redis_url, runtime.lock.clone()).await?;
     let lock_prefix = runtime.namespace.as_ref().map(|ns| format!("{ns}:")).unwrap_or_default();
     let store = AppliedStore::new(db.clone(), runtime.schema.clone());
-    let processor = Processor::new(store, locker, sink.clone(), retry, lock_prefix);
+    let subscribed: Vec<_> =
+        queues.iter().map(|(stream, _)| (*stream, service.subscribed(*stream))).collect();
+    let processor =
+        Processor::new(store, locker, sink.clone(), retry, lock_prefix).only_subscribed(subscribed);
     let mut config = ConsumerConfig::new(
         service.name.clone(),
         queues.into_iter().map(|(stream, q)| (stream, q.name)).collect(),

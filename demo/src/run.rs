@@ -408,9 +408,10 @@ async fn replay_some(stage: &Stage) -> Result<u64, DemoError> {
     };
     let first_seq = first_seq(stage).await?;
     let request = ReplayRequest { from: first_seq, to: request.to.map(|to| to + first_seq - 1), ..request };
-    resync_producer::replay(&stage.pool, &stage.schema, &stage.transport, &request)
+    let replayed = resync_producer::replay(&stage.pool, &stage.schema, &stage.transport, &request)
         .await
-        .map_err(step("replay"))
+        .map_err(step("replay"))?;
+    Ok(replayed.sent)
 }
 
 /// A resync job over every listing (as `resync job start --entity listing` runs it), from a

@@ -167,6 +167,16 @@ impl ServiceConfig {
         }
         queues.into_values().collect()
     }
+
+    /// The event types this service receives on `stream` (an empty filter: none).
+    pub fn subscribed(&self, stream: Stream) -> resync_bus::Filter {
+        resync_bus::Filter::types(
+            self.subscriptions
+                .iter()
+                .filter(|s| s.streams.contains(&stream))
+                .flat_map(|s| s.types.iter().cloned()),
+        )
+    }
 }
 
 /// Event types a service receives on some streams, with the settings of their queue.

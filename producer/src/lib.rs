@@ -17,7 +17,7 @@ mod log;
 mod relay;
 
 pub use emit::{EmitError, EmittedEvent, NewEvent, emit};
-pub use log::{LogError, ReplayRequest, ReplayTarget, prune, replay};
+pub use log::{LogError, ReplayRequest, ReplayTarget, Replayed, prune, replay};
 pub use relay::{Relay, RelayConfig, RelayError, RelayStatus};
 pub use resync_migrations::Schema;
 

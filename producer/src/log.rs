@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use resync_bus::{Destination, OutgoingMessage, Transport, TransportError};
+use resync_bus::{Destination, Filter, OutgoingMessage, Transport, TransportError};
 use resync_migrations::Schema;
 use sqlx::PgPool;
 use tracing::info;
@@ -15,8 +15,17 @@ use crate::relay::PendingRow;
 pub enum ReplayTarget {
     /// Their live topics: every subscriber gets them again.
     AllSubscribers { namespace: Option<String> },
-    /// One queue (a service's live queue): only that service gets them.
-    Queue(String),
+    /// One queue (a service's live queue): only that service gets them, and only the types
+    /// it subscribes to there (the rest are skipped and counted).
+    Queue { queue: String, subscribed: Filter },
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replayed {
+    pub sent: u64,
+    /// Events of types the target service does not subscribe to: not sent.
+    pub not_subscribed: u64,
 }
 
 /// A range of the log to republish.
@@ -42,14 +51,14 @@ pub enum LogError {
 
 const PAGE: i64 = 500;
 
-/// Republishes a range of the log in sequence order; returns how many events were sent.
-/// Events keep their ids and versions, so consumers that already applied them skip them.
+/// Republishes a range of the log in sequence order. Events keep their ids and versions, so
+/// consumers that already applied them skip them.
 pub async fn replay(
     pool: &PgPool,
     schema: &Schema,
     transport: &Arc<dyn Transport>,
     request: &ReplayRequest,
-) -> Result<u64, LogError> {
+) -> Result<Replayed, LogError> {
     if request.to.is_some_and(|to| to < request.from) {
         return Err(LogError::Invalid(format!("--to {:?} is before --from {}", request.to, request.from)));
     }
@@ -59,7 +68,7 @@ pub async fn replay(
          ORDER BY seq LIMIT $4",
     );
     let mut next = request.from;
-    let mut sent = 0u64;
+    let mut replayed = Replayed::default();
     loop {
         let rows: Vec<PendingRow> = sqlx::query_as(sql.clone())
             .bind(next)
@@ -73,18 +82,21 @@ pub async fn replay(
         let (first_seq, last_seq) = (rows[0].seq, last.seq);
         next = last_seq + 1;
         let count = rows.len() as u64;
-        for (destination, messages) in destinations(rows, &request.target) {
+        let groups = destinations(rows, &request.target);
+        let sent: u64 = groups.iter().map(|(_, messages)| messages.len() as u64).sum();
+        replayed.not_subscribed += count - sent;
+        for (destination, messages) in groups {
             transport.publish_batch(&destination, messages).await.map_err(|source| LogError::Publish {
                 first_seq,
                 last_seq,
                 source,
             })?;
         }
-        sent += count;
-        info!(first_seq, last_seq, sent, "replayed");
+        replayed.sent += sent;
+        info!(first_seq, last_seq, sent = replayed.sent, "replayed");
     }
-    metrics::counter!("resync_replayed_total").increment(sent);
-    Ok(sent)
+    metrics::counter!("resync_replayed_total").increment(replayed.sent);
+    Ok(replayed)
 }
 
 fn destinations(rows: Vec<PendingRow>, target: &ReplayTarget) -> Vec<(Destination, Vec<OutgoingMessage>)> {
@@ -94,7 +106,8 @@ fn destinations(rows: Vec<PendingRow>, target: &ReplayTarget) -> Vec<(Destinatio
             ReplayTarget::AllSubscribers { namespace } => {
                 Destination::Topic(crate::live_topic(namespace.as_deref(), &row.entity_type))
             }
-            ReplayTarget::Queue(queue) => Destination::Queue(queue.clone()),
+            ReplayTarget::Queue { subscribed, .. } if !subscribed.matches(&row.event_type) => continue,
+            ReplayTarget::Queue { queue, .. } => Destination::Queue(queue.clone()),
         };
         let message = OutgoingMessage::from_envelope(&row.envelope());
         match groups.iter_mut().find(|(d, _)| *d == destination) {

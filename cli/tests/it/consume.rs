@@ -418,6 +418,88 @@ async fn poison_messages_reach_the_dead_letter_queue_with_their_reason_and_the_r
     world.cleanup().await;
 }
 
+/// Valid events of types the service does not subscribe to (published to its queue by hand, or
+/// replayed to it) are dead-lettered as `not-subscribed` and never reach the sink, also when
+/// their ids are those of listings the sink holds (its URL is the listings URL): they once
+/// overwrote listings at the third party.
+async fn unsubscribed_types_are_dead_lettered_and_never_sent(kind: &'static str) {
+    let mut world = World::new(kind, ApiConfig::default()).await;
+    let (events, truth) = shuffled_history(20, 2, 0.0, 12);
+    let ids: Vec<String> = truth.keys().take(2).cloned().collect();
+    world.publish(&events, truth).await;
+    let queue = resync_bus::naming::queue_name(Some(&world.namespace), "sync", Stream::Live);
+    let strangers: Vec<Envelope> = ["user.updated", "widget.deleted"]
+        .iter()
+        .zip(&ids)
+        .map(|(event_type, id)| Envelope::new(event_type, id.clone(), 99, serde_json::json!({"name": "x"})))
+        .collect();
+    let messages = strangers.iter().map(OutgoingMessage::from_envelope).collect();
+    world.transport.publish_batch(&Destination::Queue(queue.clone()), messages).await.expect("publish");
+    let _consumer = world.consumer("15s");
+
+    world.wait_until_equal(Duration::from_secs(120)).await;
+    let dlq = resync_bus::dead_letter_queue_name(&queue);
+    let mut subscription = world.transport.subscribe(&dlq, Default::default()).await.expect("subscribe dlq");
+    let mut letters = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while letters.len() < strangers.len() {
+        assert!(tokio::time::Instant::now() < deadline, "dead letters so far: {letters:?}");
+        for delivery in subscription.next_batch(10, Duration::from_secs(1)).await.expect("dlq") {
+            let event = delivery.envelope(&Default::default()).expect("the original envelope");
+            let reason = delivery.attributes.get(attr::DEAD_LETTER_REASON).cloned().unwrap_or_default();
+            let detail = delivery.attributes.get(attr::DEAD_LETTER_DETAIL).cloned().unwrap_or_default();
+            assert!(detail.contains(&event.event_type) && detail.contains("listing.*"), "{detail}");
+            letters.push((event.event_type, reason));
+            delivery.ack().await.expect("ack");
+        }
+    }
+    letters.sort();
+    assert_eq!(
+        letters,
+        [
+            ("user.updated".to_string(), "not-subscribed".to_string()),
+            ("widget.deleted".into(), "not-subscribed".into())
+        ]
+    );
+    let log = world.client.log_all().await.expect("apisim log");
+    let stranger_ids: Vec<String> = strangers.iter().map(|e| e.id.to_string()).collect();
+    let sent: Vec<_> =
+        log.iter().filter(|w| w.event_id.as_ref().is_some_and(|id| stranger_ids.contains(id))).collect();
+    assert!(sent.is_empty(), "unsubscribed events reached the API: {sent:?}");
+    let _ = subscription.close().await;
+    world.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_unsubscribed_types_are_dead_lettered_and_never_sent() {
+    unsubscribed_types_are_dead_lettered_and_never_sent("rabbitmq").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sns_sqs_unsubscribed_types_are_dead_lettered_and_never_sent() {
+    unsubscribed_types_are_dead_lettered_and_never_sent("sns-sqs").await;
+}
+
+/// `pause` and `resume` of a service no config declares (a typo) fail and name the services
+/// there; the declared one pauses and resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_resume_refuse_an_unknown_service() {
+    let world = World::new("rabbitmq", ApiConfig::default()).await;
+    for verb in ["pause", "resume"] {
+        let typo = world.resync().args([verb, "--service", "sinc", "--stream", "live"]).output().expect(verb);
+        let stderr = String::from_utf8_lossy(&typo.stderr);
+        assert!(!typo.status.success(), "{verb} of an unknown service succeeded");
+        assert!(stderr.contains("no service `sinc`") && stderr.contains("sync"), "{stderr}");
+        let known =
+            world.resync().args([verb, "--service", "sync", "--stream", "live"]).output().expect(verb);
+        assert!(known.status.success(), "{verb}: {}", String::from_utf8_lossy(&known.stderr));
+    }
+    let paused = world.schema.sql("SELECT count(*) FROM {schema}.paused_streams");
+    let count: i64 = sqlx::query_scalar(paused).fetch_one(&world.pool).await.expect("paused streams");
+    assert_eq!(count, 0, "nothing left paused");
+    world.cleanup().await;
+}
+
 /// SIGTERM: the consumer stops taking messages, finishes and acknowledges what it holds, and
 /// exits cleanly; a consumer started afterwards applies the rest, and nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,8 +4,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use resync_bus::Transport;
-use resync_producer::{NewEvent, RelayStatus, ReplayRequest, ReplayTarget, emit, prune, replay};
+use resync_bus::{Filter, Transport};
+use resync_producer::{NewEvent, RelayStatus, ReplayRequest, ReplayTarget, Replayed, emit, prune, replay};
 
 use crate::support::{World, eventually, rabbitmq, with_world};
 
@@ -55,7 +55,7 @@ async fn replay_republishes_a_range_to_all_subscribers_or_to_one_queue() {
             entity_type: Some("listing".into()),
             target: ReplayTarget::AllSubscribers { namespace: Some(w.namespace.clone()) },
         };
-        assert_eq!(replay(&w.pool, &w.schema, &transport, &range).await.expect("replay"), 10);
+        assert_eq!(replay(&w.pool, &w.schema, &transport, &range).await.expect("replay").sent, 10);
         let again = drain(&w, 0, Duration::from_millis(1000)).await;
         let expected: Vec<_> = first[10..20].iter().map(|e| e.id).collect();
         assert_eq!(
@@ -65,15 +65,29 @@ async fn replay_republishes_a_range_to_all_subscribers_or_to_one_queue() {
         );
         assert_eq!(drain(&w, 1, Duration::from_millis(1000)).await.len(), 10, "every subscriber gets them");
 
+        let to_queue = |types: &[&str]| ReplayTarget::Queue {
+            queue: w.queues[1].clone(),
+            subscribed: Filter::types(types.iter().copied()),
+        };
         let to_one =
-            ReplayRequest { to: Some(seqs[4]), target: ReplayTarget::Queue(w.queues[1].clone()), ..range };
-        let to_one = ReplayRequest { from: seqs[0], ..to_one };
-        assert_eq!(replay(&w.pool, &w.schema, &transport, &to_one).await.expect("replay"), 5);
+            ReplayRequest { from: seqs[0], to: Some(seqs[4]), target: to_queue(&["listing.*"]), ..range };
+        let replayed = replay(&w.pool, &w.schema, &transport, &to_one).await.expect("replay");
+        assert_eq!(replayed, Replayed { sent: 5, not_subscribed: 0 });
         assert!(drain(&w, 0, Duration::from_millis(1000)).await.is_empty(), "the other service gets nothing");
         assert_eq!(drain(&w, 1, Duration::from_millis(1000)).await.len(), 5);
 
+        // A service that does not subscribe to listings is sent none of them.
+        let unsubscribed =
+            ReplayRequest { target: to_queue(&["user.*", "listing.deleted"]), ..to_one.clone() };
+        let replayed = replay(&w.pool, &w.schema, &transport, &unsubscribed).await.expect("replay");
+        assert_eq!(replayed, Replayed { sent: 0, not_subscribed: 5 });
+        assert!(
+            drain(&w, 1, Duration::from_millis(1000)).await.is_empty(),
+            "nothing it does not subscribe to"
+        );
+
         let other_type = ReplayRequest { entity_type: Some("user".into()), ..to_one };
-        assert_eq!(replay(&w.pool, &w.schema, &transport, &other_type).await.expect("replay"), 0);
+        assert_eq!(replay(&w.pool, &w.schema, &transport, &other_type).await.expect("replay").sent, 0);
     })
     .await;
 }
