@@ -242,6 +242,10 @@ impl PhaseClock {
     }
 }
 
+/// Lease kept beyond a call's timeout for what surrounds it (the shared rate limit's wait, the
+/// response read).
+pub(crate) const LEASE_MARGIN: Duration = Duration::from_secs(1);
+
 /// Rounds of read-decide-write per event before giving up under contention.
 const MAX_ROUNDS: usize = 5;
 
@@ -731,9 +735,7 @@ impl Processor {
             Decision::Duplicate => Ok(Step::Done(Outcome::Duplicate)),
             Decision::SkipUnchanged => Ok(Step::Record(Decision::SkipUnchanged)),
             Decision::Apply => {
-                // Cheap narrowing of the race; the compare-and-set is what makes it safe.
-                guard.ensure_held().map_err(|e| infra("entity lock")(e.to_string()))?;
-                self.send(key, mine).await?;
+                self.send(key, mine, Some(guard)).await?;
                 Ok(Step::Record(Decision::Apply))
             }
         }
@@ -791,8 +793,10 @@ impl Processor {
         };
         let current =
             self.store.current(key).await.map_err(|e| infra("reading the applied version")(e.to_string()));
+        // Under the retaken lock, or ours if it still holds; without either, re-sent anyway.
+        let lock = retaken.as_ref().or(Some(guard).filter(|g| !g.is_lost()));
         let result = match current {
-            Ok(Current { applied: Some(newest), .. }) => self.send(key, &newest).await,
+            Ok(Current { applied: Some(newest), .. }) => self.send(key, &newest, lock).await,
             Ok(_) => Ok(()),
             Err(err) => Err(err),
         };
@@ -815,9 +819,38 @@ impl Processor {
             .map_err(|e| infra("recording the applied version")(e.to_string()))
     }
 
+    /// Before a sink call under `lock`: the lock must still be ours with enough lease left for
+    /// the whole call (renewed now if it is short), or the call is not made and the event goes
+    /// back to the queue. A consumer that lost its lock (frozen, partitioned from Redis) while
+    /// an earlier attempt failed must not re-send an older version over what the new holder
+    /// applied meanwhile.
+    ///
+    /// `confirm` asks Redis even when the local lease looks long enough (before a retry: Redis
+    /// may have lost the key, or given it to another, without this process noticing yet).
+    async fn ensure_lease(&self, lock: &LockGuard, confirm: bool) -> Result<(), ApplyError> {
+        let needed = self.sink.call_timeout().unwrap_or_default() + LEASE_MARGIN;
+        if !confirm && lock.remaining().is_some_and(|left| left >= needed) {
+            return Ok(());
+        }
+        lock.renew().await.map_err(|e| infra("entity lock")(e.to_string()))?;
+        match lock.remaining() {
+            Some(left) if left >= needed => Ok(()),
+            left => Err(ApplyError::Infrastructure(format!(
+                "entity lock {}: {left:?} of lease left, a call needs {needed:?}",
+                lock.key()
+            ))),
+        }
+    }
+
     /// Calls the sink, retrying transient failures with exponential backoff and jitter, and
-    /// waiting at least as long as the third party's `Retry-After`.
-    async fn send(&self, key: EntityKey<'_>, state: &AppliedState) -> Result<(), ApplyError> {
+    /// waiting at least as long as the third party's `Retry-After`. Every attempt is made only
+    /// while `lock` (if any) holds for the whole call.
+    async fn send(
+        &self,
+        key: EntityKey<'_>,
+        state: &AppliedState,
+        lock: Option<&LockGuard>,
+    ) -> Result<(), ApplyError> {
         let write = SinkWrite {
             entity_type: key.entity_type,
             entity_id: key.entity_id,
@@ -834,6 +867,9 @@ impl Processor {
             .build();
         let mut attempt = 1;
         loop {
+            if let Some(lock) = lock {
+                self.ensure_lease(lock, attempt > 1).await?;
+            }
             let started = Instant::now();
             let result = self.sink.apply(&write).await;
             metrics::histogram!("resync_consumer_sink_latency_seconds")

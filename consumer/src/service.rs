@@ -65,6 +65,12 @@ pub enum BuildError {
     Database(#[from] sqlx::Error),
     #[error("cannot connect to Redis (RESYNC_REDIS_URL): {0}")]
     Locks(#[from] LockError),
+    #[error(
+        "{file}: [sink] timeout = {timeout:?} needs an entity-lock lease (--lock-lease) of at least {needed:?}, \
+         not {lease:?}: a call is started only while its lock holds for the whole call",
+        file = .file.display()
+    )]
+    LeaseTooShort { file: std::path::PathBuf, timeout: Duration, lease: Duration, needed: Duration },
     #[error("{file}: [sink.rate_limit]: {source}", file = .file.display())]
     Throttle { file: std::path::PathBuf, source: resync_throttle::ThrottleError },
 }
@@ -142,6 +148,14 @@ pub async fn build_with_autoscaler(
     runtime: &Runtime,
 ) -> Result<(Consumer, Autoscaler), BuildError> {
     let sink = Arc::new(throttled_sink(service, runtime).await?);
+    if let Some(timeout) = sink.call_timeout() {
+        // A call must fit in a lease (a short one is renewed before the call).
+        let needed = timeout + crate::process::LEASE_MARGIN;
+        if runtime.lock.lease < needed {
+            let file = service.source_file.clone();
+            return Err(BuildError::LeaseTooShort { file, timeout, lease: runtime.lock.lease, needed });
+        }
+    }
     let queues = service.queues(runtime.namespace.as_deref());
     let Some((_, first)) = queues.first() else {
         return Err(BuildError::NoQueues { service: service.name.clone() });

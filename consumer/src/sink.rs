@@ -60,4 +60,10 @@ pub trait Sink: Send + Sync + 'static {
     fn name(&self) -> &str;
 
     async fn apply(&self, write: &SinkWrite<'_>) -> Result<(), SinkError>;
+
+    /// The longest one call may take (its timeout), if bounded: a consumer starts a call only
+    /// while its entity lock has at least this much lease left.
+    fn call_timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
 }

@@ -95,6 +95,14 @@ impl LockGuard {
         self.state.borrow().lost_at(Instant::now()).is_some()
     }
 
+    /// How much of the lease is surely left (by the local clock, measured from before the
+    /// request that set it); `None` once the lock may no longer be ours.
+    pub fn remaining(&self) -> Option<Duration> {
+        let state = *self.state.borrow();
+        let now = Instant::now();
+        state.lost_at(now).is_none().then(|| state.valid_until - now)
+    }
+
     /// `Err(LockError::Lost)` if the lock may no longer be ours: call before committing.
     pub fn ensure_held(&self) -> Result<(), LockError> {
         match self.state.borrow().lost_at(Instant::now()) {

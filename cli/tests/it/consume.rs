@@ -54,7 +54,7 @@ impl World {
             config_dir.join("sync.toml"),
             format!(
                 "name = \"sync\"\n[[subscriptions]]\ntypes = [\"listing.*\"]\nmax_receive_count = 20\n\
-                 [sink]\nurl = \"{}/entities/listing/{{entity_id}}\"\ntimeout = \"10s\"\n\
+                 [sink]\nurl = \"{}/entities/listing/{{entity_id}}\"\ntimeout = \"2s\"\n\
                  [consumer]\nconcurrency = 16\nprefetch = 16\nbatch_size = 16\n",
                 api.url()
             ),
@@ -346,13 +346,14 @@ async fn consumers_frozen_past_their_lock_lease_mid_call_leave_the_third_party_e
     let mut world = World::new("rabbitmq", api).await;
     let (events, truth) = shuffled_history(100, 20, 0.1, 7);
     world.publish(&events, truth).await;
-    let consumers: Vec<Process> = (0..4).map(|_| world.consumer("1s")).collect();
+    // The shortest lease a 2 s sink timeout allows (a call starts only with its lease left).
+    let consumers: Vec<Process> = (0..4).map(|_| world.consumer("5s")).collect();
 
     for round in 0..6 {
         let pid = consumers[round % consumers.len()].0.id().to_string();
         signal("-STOP", &pid);
         // Longer than the lease: the frozen process's locks expire under its in-flight calls.
-        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        tokio::time::sleep(Duration::from_millis(6_000)).await;
         signal("-CONT", &pid);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

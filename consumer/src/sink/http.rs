@@ -100,6 +100,7 @@ pub struct HttpSink {
     method: Method,
     delete_method: Method,
     headers: HeaderMap,
+    timeout: Duration,
 }
 
 /// Most bytes of an error response kept for the dead-letter detail.
@@ -134,6 +135,7 @@ impl HttpSink {
             method,
             delete_method,
             headers,
+            timeout: config.timeout,
         })
     }
 }
@@ -211,6 +213,10 @@ fn classify(status: StatusCode, headers: &HeaderMap, body: String) -> SinkError 
 impl Sink for HttpSink {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn call_timeout(&self) -> Option<Duration> {
+        Some(self.timeout)
     }
 
     async fn apply(&self, write: &SinkWrite<'_>) -> Result<(), SinkError> {

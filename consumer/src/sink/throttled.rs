@@ -54,6 +54,10 @@ impl Sink for ThrottledSink {
         self.inner.name()
     }
 
+    fn call_timeout(&self) -> Option<std::time::Duration> {
+        self.inner.call_timeout()
+    }
+
     async fn apply(&self, write: &SinkWrite<'_>) -> Result<(), SinkError> {
         let permit = match &self.concurrency {
             Some(concurrency) => Some(concurrency.acquire().await),

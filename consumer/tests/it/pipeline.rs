@@ -176,6 +176,50 @@ async fn a_write_that_lost_its_lock_to_a_newer_version_is_repaired() {
     .await;
 }
 
+/// A consumer whose call timed out after its lock was taken over (Redis lost the key, or the
+/// process froze past its lease) must not retry: the new holder applied a newer version
+/// meanwhile, and a retry would write the older one over it (seen end to end: 12 stale writes
+/// within 0.2 s of a SIGCONT). The event goes back to the queue instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_consumer_that_lost_its_lock_does_not_retry_its_call() {
+    let world = World::new(rabbitmq().await).await;
+    with_world(world, |w| async move {
+        let events = history(1, 2);
+        w.publish(&events).await;
+        let mut subscription = w.transport.subscribe(&w.queue, Default::default()).await.expect("subscribe");
+        let mut deliveries = Vec::new();
+        while deliveries.len() < 2 {
+            deliveries.extend(subscription.next_batch(2, Duration::from_secs(5)).await.expect("next_batch"));
+        }
+        deliveries.sort_by_key(|d| d.envelope(&Default::default()).expect("envelope").version);
+        let v2 = deliveries.pop().expect("v2");
+        let v1 = deliveries.pop().expect("v1");
+
+        *w.sink.faults.hold_version.lock().unwrap() = Some(1);
+        w.sink.faults.fail_held.store(true, Ordering::SeqCst);
+        let slow = Arc::new(w.processor(Duration::from_secs(5)).await);
+        let held = tokio::spawn({
+            let slow = slow.clone();
+            async move { slow.handle(v1).await }
+        });
+        w.sink.faults.entered.notified().await;
+        let mut redis = redis_connection().await;
+        let pattern = format!("{}:resync:lock:*", w.namespace);
+        let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut redis).await.expect("KEYS");
+        let keys: Vec<String> = keys.into_iter().filter(|k| !k.ends_with(":fence")).collect();
+        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await.expect("DEL");
+
+        let fast = w.processor(Duration::from_secs(5)).await;
+        assert_eq!(fast.handle(v2).await, Outcome::Applied);
+        w.sink.faults.release.notify_one();
+        assert_eq!(held.await.expect("slow consumer"), Outcome::Requeued, "back to the queue, not retried");
+
+        let versions: Vec<i64> = w.sink.writes.lock().unwrap().iter().map(|w| w.version).collect();
+        assert_eq!(versions, vec![2], "v1 was never written over v2");
+    })
+    .await;
+}
+
 async fn redis_connection() -> redis::aio::MultiplexedConnection {
     let client = redis::Client::open(resync_testkit::Service::Redis.url()).expect("redis url");
     client

@@ -63,6 +63,8 @@ pub(crate) struct Faults {
     pub(crate) reject: Mutex<Vec<String>>,
     /// Hold writes of this version until `release` (after signalling `entered`).
     pub(crate) hold_version: Mutex<Option<i64>>,
+    /// The held call then times out without landing.
+    pub(crate) fail_held: std::sync::atomic::AtomicBool,
     pub(crate) entered: tokio::sync::Notify,
     pub(crate) release: tokio::sync::Notify,
 }
@@ -141,6 +143,9 @@ impl Sink for RecordingSink {
         if hold {
             self.faults.entered.notify_one();
             self.faults.release.notified().await;
+            if self.faults.fail_held.load(Ordering::SeqCst) {
+                return Err(SinkError::Transient { reason: "injected timeout".into(), retry_after: None });
+            }
         }
         let latency = *self.faults.latency.lock().unwrap();
         if !latency.is_zero() {
