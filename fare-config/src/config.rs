@@ -523,10 +523,8 @@ fn validate_source(
     if let Some(column) = &raw.deleted_column {
         check_identifier(file, &key("deleted_column"), column)?;
     }
-    if let Some(filter) = &raw.filter
-        && (filter.contains(';') || filter.trim().is_empty())
-    {
-        return Err(invalid(file, key("filter"), "expected one SQL boolean expression, without `;`"));
+    if let Some(problem) = raw.filter.as_deref().and_then(filter_problem) {
+        return Err(invalid(file, key("filter"), format!("expected one SQL boolean expression: {problem}")));
     }
     Ok(SourceSpec {
         entity: raw.entity,
@@ -782,9 +780,63 @@ fn parse_duration(
     Ok(value)
 }
 
+/// Why `filter` is not one self-contained SQL expression, if it is not. A job puts it inside
+/// parentheses in its queries; a filter that closes them (`1=1) OR (true`), ends the statement,
+/// or comments the rest out would change the query's structure. Parentheses must balance
+/// outside string literals and quoted identifiers; `;`, comments and dollar quoting are refused.
+pub fn filter_problem(filter: &str) -> Option<String> {
+    if filter.trim().is_empty() {
+        return Some("it is empty".into());
+    }
+    let mut depth = 0i32;
+    let mut chars = filter.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' | '"' => {
+                // A quoted literal or identifier; a doubled quote inside is an escaped one.
+                loop {
+                    match chars.next() {
+                        Some(q) if q == c && chars.peek() == Some(&c) => {
+                            chars.next();
+                        }
+                        Some(q) if q == c => break,
+                        Some(_) => {}
+                        None => return Some(format!("an unclosed {c}")),
+                    }
+                }
+            }
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth < 0 {
+                    return Some("a `)` closes a parenthesis it did not open".into());
+                }
+            }
+            ';' => return Some("`;` ends the statement".into()),
+            '$' => return Some("dollar quoting (`$`) is not accepted".into()),
+            '-' if chars.peek() == Some(&'-') => return Some("`--` comments are not accepted".into()),
+            '/' if chars.peek() == Some(&'*') => return Some("`/*` comments are not accepted".into()),
+            _ => {}
+        }
+    }
+    (depth != 0).then(|| format!("{depth} parenthesis(es) left open"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_filter_must_be_one_self_contained_expression() {
+        for ok in ["price > 10", "(a OR b) AND c", "title = 'it''s (ok'", "\"we)ird\" = 1", "f(x, (y))"] {
+            assert_eq!(filter_problem(ok), None, "{ok}");
+        }
+        for bad in
+            ["1=1) OR (true", "(a", "a)", "true; delete", "a -- b", "a /* b */", "$$x$$", "'open", "  "]
+        {
+            assert!(filter_problem(bad).is_some(), "{bad} accepted");
+        }
+    }
 
     const CHANNEL_SYNC: &str = r#"
 name = "channel-sync"
@@ -863,6 +915,7 @@ publishes = ["listing.created", "listing.updated", "listing.deleted"]
             ("table = \"l\"\ndata_column = \"d\"\nid_column = \"id)\"", "`sources[0].id_column`"),
             ("table = \"l\"", "`sources[0].data_column`"),
             ("table = \"l\"\ndata_column = \"d\"\nfilter = \"true; delete\"", "`sources[0].filter`"),
+            ("table = \"l\"\ndata_column = \"d\"\nfilter = \"1=1) OR (true\"", "`sources[0].filter`"),
         ];
         for (fields, key) in cases {
             let text = format!(

@@ -14,7 +14,7 @@ pub mod verify;
 
 pub use config::{
     Catalog, ConfigError, ConsumerSpec, RateLimitSpec, ServiceConfig, SinkSpec, SourceData, SourceSpec,
-    Subscription, check_namespace, load_dir, load_str,
+    Subscription, check_namespace, filter_problem, load_dir, load_str,
 };
 pub use topology::{ApplyError, Binding, Change, Plan, Topology, apply, delete, owner_mark, plan, prune};
 pub use verify::{Probe, Verification, verify};

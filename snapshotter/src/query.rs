@@ -86,8 +86,8 @@ impl SourceQuery {
             None => "false".into(),
         };
         for filter in [source.filter.as_deref(), extra_filter].into_iter().flatten() {
-            if filter.contains(';') {
-                return Err(problem(format!("filter `{filter}`: one boolean expression, without `;`")));
+            if let Some(why) = fare_config::filter_problem(filter) {
+                return Err(problem(format!("filter `{filter}`: not one boolean expression: {why}")));
             }
         }
         let id = quote(&source.id_column);
@@ -132,10 +132,12 @@ impl SourceQuery {
     }
 
     /// Runs each statement once, on at most one row, so a bad filter or type fails at
-    /// `job start` rather than mid-job.
+    /// `job start` rather than mid-job; in a read-only transaction, like every statement a job
+    /// runs against its source (a filter calling `nextval` fails here, changing nothing).
     async fn check(&self, pool: &PgPool, table: &str) -> Result<()> {
         let failed = |e: sqlx::Error| JobError::Source { table: table.to_string(), problem: e.to_string() };
-        let mut conn = pool.acquire().await.map_err(failed)?;
+        let mut conn = pool.begin().await.map_err(failed)?;
+        sqlx::query("SET TRANSACTION READ ONLY").execute(&mut *conn).await.map_err(failed)?;
         let first = self.chunk(&mut conn, None, None, 1).await?;
         if let Some(row) = first.first() {
             self.chunk(&mut conn, Some(&row.id), Some(&row.id), 1).await?;

@@ -435,3 +435,47 @@ async fn a_job_over_uuid_keys_publishes_every_row_once() {
 async fn a_job_over_text_keys_publishes_every_row_once() {
     every_row_of_a_keyed_table_is_published_once("text", &numbers(300, 1)).await;
 }
+
+/// A source `filter` is one boolean expression that cannot change the query around it, and a
+/// job's start-up check is read-only: a filter that closes the query's parentheses is refused
+/// by name (it once sent 1,200 events for 300 rows, or looped for ever), and one that calls
+/// `nextval` fails without advancing the sequence (it once advanced it 300 times).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_cannot_escape_its_expression_and_the_start_check_writes_nothing() {
+    let setup = Setup::new(30).await;
+    let sequence = format!("{}.ticket", setup.schema.name());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SEQUENCE {sequence}")))
+        .execute(&setup.pool)
+        .await
+        .expect("sequence");
+    let listings = |filter: &str| {
+        format!(
+            "name = \"listings\"\npublishes = [\"listing.updated\", \"listing.deleted\"]\n[[sources]]\n\
+             entity = \"listing\"\ntable = \"{}.listings\"\ndata_column = \"data\"\ndeleted_column = \"deleted\"\n\
+             filter = \"{filter}\"\n",
+            setup.schema.name()
+        )
+    };
+    for (filter, expected) in [
+        ("1=1) OR (true", "sources[0].filter"),
+        (&format!("nextval('{sequence}') > 0") as &str, "read-only transaction"),
+    ] {
+        std::fs::write(setup.config_dir.join("listings.toml"), listings(filter)).expect("config");
+        let started =
+            setup.resync().args(["job", "start", "--entity", "listing"]).output().expect("job start");
+        let stderr = String::from_utf8_lossy(&started.stderr);
+        assert!(!started.status.success(), "`{filter}` was accepted");
+        assert!(stderr.contains(expected), "`{filter}`: {stderr}");
+    }
+    let called: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT is_called FROM {sequence}")))
+        .fetch_one(&setup.pool)
+        .await
+        .expect("sequence state");
+    assert!(!called, "the start-up check advanced the sequence");
+    let jobs: i64 = sqlx::query_scalar(setup.schema.sql("SELECT count(*) FROM {schema}.jobs"))
+        .fetch_one(&setup.pool)
+        .await
+        .expect("jobs");
+    assert_eq!(jobs, 0, "a job that cannot start leaves no job behind");
+    setup.cleanup().await;
+}
