@@ -296,11 +296,23 @@ impl Publisher {
     /// Publishes with confirms; resends what was not confirmed after a broker loss, until the
     /// publish timeout. Returns entries that failed for good.
     async fn publish(&self, destination: &Destination, messages: Vec<OutgoingMessage>) -> Result<()> {
+        self.publish_sized(destination, messages, true).await
+    }
+
+    /// `publish`, with or without the size limit every transport keeps for new
+    /// messages. A dead letter goes without it: the broker accepted the message once, and an
+    /// oversize one must reach the DLQ with its reason, unchanged.
+    async fn publish_sized(
+        &self,
+        destination: &Destination,
+        messages: Vec<OutgoingMessage>,
+        check_size: bool,
+    ) -> Result<()> {
         let total = messages.len();
         let mut failed = Vec::new();
         let mut pending: Vec<(usize, OutgoingMessage)> = Vec::with_capacity(total);
         for (index, message) in messages.into_iter().enumerate() {
-            match message.check_size() {
+            match message.check_size().or_else(|e| if check_size { Err(e) } else { Ok(()) }) {
                 Ok(()) => pending.push((index, message)),
                 Err(reason) => failed.push(FailedEntry { index, reason }),
             }
@@ -843,7 +855,7 @@ impl Settle for AmqpSettle {
         let message =
             OutgoingMessage { body: body.clone(), attributes, routing_key: dlq.clone(), id: String::new() };
         // Publish first, ack second: a crash in between leaves a duplicate, never a loss.
-        self.publisher.publish(&Destination::Queue(dlq), vec![message]).await?;
+        self.publisher.publish_sized(&Destination::Queue(dlq), vec![message], false).await?;
         self.ack().await
     }
 }

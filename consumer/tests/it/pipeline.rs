@@ -394,3 +394,41 @@ async fn a_resync_sends_a_newer_version_even_when_its_content_is_unchanged() {
     })
     .await;
 }
+
+/// A body over the envelope's 256 KiB limit, published by another client, reaches the
+/// dead-letter queue unchanged as `invalid-envelope` with its size (the consumer's own publish
+/// limit once refused it, and the broker then moved it with no reason).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_message_is_dead_lettered_with_its_size() {
+    let world = World::new(rabbitmq().await).await;
+    with_world(world, |w| async move {
+        let body = vec![b'x'; 300 * 1024];
+        let url = resync_testkit::Service::RabbitMq.url();
+        let connection = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+            .await
+            .expect("raw AMQP connection");
+        let channel = connection.create_channel().await.expect("channel");
+        let options = lapin::options::BasicPublishOptions::default();
+        let properties = lapin::BasicProperties::default();
+        let routing_key = lapin::types::ShortString::from(w.queue.as_str());
+        let confirm = channel
+            .basic_publish("".into(), routing_key, options, &body, properties)
+            .await
+            .expect("publish 300 KiB");
+        confirm.await.expect("published");
+        let _ = connection.close(0, "done".into()).await;
+
+        let processor = w.processor(Duration::from_secs(5)).await;
+        let mut subscription = w.transport.subscribe(&w.queue, Default::default()).await.expect("subscribe");
+        assert_eq!(processor.handle(next_delivery(&mut subscription).await).await, Outcome::DeadLettered);
+        let mut dead =
+            w.transport.subscribe(&dead_letter_queue_name(&w.queue), Default::default()).await.expect("dlq");
+        let letter = next_delivery(&mut dead).await;
+        assert_eq!(letter.attributes[attr::DEAD_LETTER_REASON], "invalid-envelope");
+        let detail = &letter.attributes[attr::DEAD_LETTER_DETAIL];
+        assert!(detail.contains(&body.len().to_string()), "the detail gives the size: {detail}");
+        assert_eq!(letter.body.len(), body.len(), "the body is kept whole");
+        letter.ack().await.expect("ack");
+    })
+    .await;
+}
