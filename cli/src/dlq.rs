@@ -134,7 +134,7 @@ async fn dispatch(common: &Common, transport: &dyn Transport, command: DlqComman
             for queue in existing(transport, target.queues(namespace)).await? {
                 if dry_run {
                     let report = resync_dlq::inspect(transport, &queue).await?;
-                    let records: Vec<_> = report.records.iter().filter(|r| selection.matches(r)).collect();
+                    let records: Vec<_> = report.records.iter().filter(|r| selection.redrives(r)).collect();
                     if !json {
                         println!("dry run: {} dead letters of {queue} would be sent back", records.len());
                     }
