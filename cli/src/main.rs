@@ -376,6 +376,7 @@ async fn relay(common: &Common, schema: Schema, args: RelayArgs) -> Result<()> {
     let status = relay.status();
     let ready = Arc::new(move || matches!(*status.borrow(), RelayStatus::Leader | RelayStatus::Standby));
     serve::serve_health(args.listen, ready, shutdown.clone()).await?;
+    resync_producer::metrics::describe();
     relay.run(shutdown).await;
     transport.close().await?;
     Ok(())
@@ -415,6 +416,7 @@ async fn consume(common: &Common, schema: Schema, args: ConsumeArgs) -> Result<(
         Arc::new(move || consumer.ready())
     };
     serve::serve_health(args.listen, ready, shutdown.clone()).await?;
+    resync_consumer::metrics::describe();
     tokio::spawn(autoscaler.run(shutdown.clone()));
     tracing::info!(service = %service.name, transport = %common.transport, "consumer starting");
     consumer.run(shutdown).await?;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`), `RESYNC_LOG_FORMAT=json` for JSON lines.
@@ -87,6 +87,21 @@ pub(crate) async fn serve_health(
     Ok(())
 }
 
+/// Bucket bounds of every duration histogram, in seconds: from a fast database round trip to a
+/// sink call at its longest timeout.
+const SECONDS_BUCKETS: [f64; 14] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+/// Bucket bounds of the batch-size histogram, in events.
+const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// Histograms (not summaries), so latencies aggregate across replicas in Prometheus.
 fn install_metrics() -> anyhow::Result<PrometheusHandle> {
-    PrometheusBuilder::new().install_recorder().context("installing the Prometheus metrics recorder")
+    PrometheusBuilder::new()
+        .set_buckets(&SECONDS_BUCKETS)
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full("resync_consumer_batch_size".into()), &BATCH_BUCKETS)
+        })
+        .context("configuring the metrics' histogram buckets")?
+        .install_recorder()
+        .context("installing the Prometheus metrics recorder")
 }

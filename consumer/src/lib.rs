@@ -16,6 +16,7 @@ pub mod autoscale;
 pub mod control;
 pub mod db;
 pub mod decision;
+pub mod metrics;
 mod process;
 mod runner;
 pub mod service;

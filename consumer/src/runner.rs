@@ -231,6 +231,11 @@ impl QueueLoop {
                     let (used, unused) = split_permits(taken, batch.len());
                     drop(unused);
                     if batch.is_empty() {
+                        if held.load(Ordering::SeqCst) == 0 {
+                            // Idle: no event is late, rather than the last one's age for ever.
+                            metrics::gauge!("resync_consumer_lag_seconds", "stream" => self.stream.as_str())
+                                .set(0.0);
+                        }
                         continue;
                     }
                     metrics::histogram!("resync_consumer_batch_size").record(batch.len() as f64);

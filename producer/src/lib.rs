@@ -14,6 +14,7 @@
 
 mod emit;
 mod log;
+pub mod metrics;
 mod relay;
 
 pub use emit::{EmitError, EmittedEvent, NewEvent, emit};

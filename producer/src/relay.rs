@@ -215,7 +215,9 @@ impl Relay {
         while !shutdown.is_cancelled() {
             let batch = self.fetch_pending(conn).await?;
             if batch.is_empty() {
+                // Nothing is pending: both gauges say so, rather than their last busy value.
                 metrics::gauge!("resync_relay_lag_seconds").set(0.0);
+                metrics::gauge!("resync_relay_pending_events").set(0.0);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     notified = listener.recv() => { notified.map_err(db("waiting for NOTIFY"))?; }

@@ -520,7 +520,17 @@ async fn a_consumer_serves_health_and_metrics_and_drains_on_sigterm() {
     eventually("some events applied", || async { world.applied_writes().await >= 20 }).await;
     let metrics = get(listen, "/metrics").await.expect("metrics").1;
     assert!(metrics.contains("resync_consumer_events_total{outcome=\"applied\"}"), "{metrics}");
-    assert!(metrics.contains("resync_consumer_sink_latency_seconds"), "{metrics}");
+    // Histograms, which aggregate across replicas (summaries do not).
+    assert!(metrics.contains("resync_consumer_sink_latency_seconds_bucket{le=\"0.005\"}"), "{metrics}");
+    // Counters that nothing incremented yet are there at 0, described.
+    for line in [
+        "resync_consumer_events_total{outcome=\"dead_lettered\"} 0",
+        "resync_consumer_dead_lettered_total{reason=\"not-subscribed\"} 0",
+        "resync_consumer_retries_total 0",
+        "# HELP resync_consumer_events_total Events handled, by outcome.",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no `{line}` in\n{metrics}");
+    }
     // The autoscaling signals (sampled every 200 ms here).
     let queue = resync_bus::naming::queue_name(Some(&world.namespace), "sync", Stream::Live);
     let backlog = format!("resync_consumer_backlog{{queue=\"{queue}\"}}");

@@ -146,6 +146,16 @@ async fn relay_process_serves_health_and_metrics_and_stops_on_sigterm() {
     })
     .await;
     assert_eq!(get(listen, "/healthz").await.map(|(s, _)| s), Some(200));
+    // A fresh process shows every counter, at 0, with its help text.
+    let fresh = get(listen, "/metrics").await.expect("metrics").1;
+    for line in [
+        "resync_relay_published_total 0",
+        "resync_relay_errors_total 0",
+        "# HELP resync_relay_published_total Events published to the broker.",
+        "# HELP resync_relay_errors_total Publish or database errors the relay retried.",
+    ] {
+        assert!(fresh.lines().any(|l| l == line), "no `{line}` in\n{fresh}");
+    }
     setup.emit(0, 10).await;
     let mut subscription =
         setup.transport.subscribe(&setup.queue, Default::default()).await.expect("subscribe");
@@ -154,6 +164,14 @@ async fn relay_process_serves_health_and_metrics_and_stops_on_sigterm() {
         get(listen, "/metrics")
             .await
             .is_some_and(|(_, b)| b.lines().any(|l| l == "resync_relay_published_total 10"))
+    })
+    .await;
+    // With the outbox empty again, the gauges say so (they once kept their last busy value).
+    eventually("pending and lag back at 0", || async {
+        get(listen, "/metrics").await.is_some_and(|(_, b)| {
+            b.lines().any(|l| l == "resync_relay_pending_events 0")
+                && b.lines().any(|l| l == "resync_relay_lag_seconds 0")
+        })
     })
     .await;
     let pid = relay.0.id().to_string();
