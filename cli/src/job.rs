@@ -161,8 +161,16 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
         }
         JobCommand::Resume { id } => {
             let job = resync_snapshotter::get(&pool, schema, id).await?;
-            if job.status == "paused" {
-                resync_snapshotter::transition(&pool, schema, id, &["paused"], "running").await?;
+            match job.status.as_str() {
+                "paused" | "failed" => {
+                    resync_snapshotter::transition(&pool, schema, id, &["paused", "failed"], "running")
+                        .await?;
+                }
+                "completed" | "cancelled" => {
+                    println!("job {id} is {}: nothing to resume", job.status);
+                    return Ok(());
+                }
+                _ => {}
             }
             run_job(common, schema, &pool, id).await?;
         }
@@ -289,7 +297,12 @@ fn line(job: &Job) -> String {
         job.applied,
         job.rate(),
         eta.unwrap_or_default()
-    )
+    ) + &job
+        .error
+        .as_ref()
+        .filter(|_| job.status == "failed")
+        .map(|e| format!("\n    error: {e}"))
+        .unwrap_or_default()
 }
 
 /// The services named with `--target-service`, each checked to exist and to subscribe to the

@@ -297,7 +297,8 @@ pub async fn transition(pool: &PgPool, schema: &Schema, id: Uuid, from: &[&str],
     let from: Vec<String> = from.iter().map(|s| s.to_string()).collect();
     let sql = schema.sql(
         "UPDATE {schema}.jobs SET status = $3, updated_at = clock_timestamp(), \
-         finished_at = CASE WHEN $3 IN ('cancelled') THEN clock_timestamp() ELSE finished_at END \
+         finished_at = CASE WHEN $3 IN ('cancelled') THEN clock_timestamp() ELSE finished_at END, \
+         error = CASE WHEN $3 = 'running' THEN NULL ELSE error END \
          WHERE id = $1 AND status = ANY($2)",
     );
     let changed =
@@ -312,12 +313,30 @@ pub async fn transition(pool: &PgPool, schema: &Schema, id: Uuid, from: &[&str],
 /// Runs a `running` job to its end (or until it is paused or cancelled): reads its source in
 /// one snapshot, range by range in parallel, from each range's checkpoint on, publishes each
 /// chunk and checkpoints it. Returns the job as it stands after.
+///
+/// A run that fails leaves the job `failed` with its error (never `running` with nobody
+/// running it); `resync job resume` runs it again from its checkpoints.
 pub async fn run(pool: &PgPool, schema: &Schema, transport: &dyn Transport, id: Uuid) -> Result<Job> {
     let job = get(pool, schema, id).await?;
     if job.status != "running" {
-        let hint = "only a running job runs (`resync job resume` continues a paused one)";
+        let hint = "only a running job runs (`resync job resume` continues a paused or failed one)";
         return Err(JobError::State { id, status: job.status, hint });
     }
+    let ran = run_ranges(pool, schema, transport, job).await;
+    if let Err(err) = &ran {
+        let sql = schema.sql(
+            "UPDATE {schema}.jobs SET status = 'failed', error = $2, updated_at = clock_timestamp() \
+             WHERE id = $1 AND status = 'running'",
+        );
+        if let Err(mark) = sqlx::query(sql).bind(id).bind(err.to_string()).execute(pool).await {
+            warn!(job = %id, error = %mark, "could not mark the job failed");
+        }
+    }
+    ran
+}
+
+async fn run_ranges(pool: &PgPool, schema: &Schema, transport: &dyn Transport, job: Job) -> Result<Job> {
+    let id = job.id;
     let spec = load_spec(pool, schema, id).await?;
     // One snapshot for the whole run: every row as of one instant, however long the run. The
     // readers import it; this transaction keeps it alive until they are done.

@@ -479,3 +479,40 @@ async fn a_filter_cannot_escape_its_expression_and_the_start_check_writes_nothin
     assert_eq!(jobs, 0, "a job that cannot start leaves no job behind");
     setup.cleanup().await;
 }
+
+/// A job whose run fails is `failed` with its error, not `running` for ever; `job resume` runs
+/// it again once the cause is mended, and resuming a finished job says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_run_fails_is_failed_with_its_error_and_resumes() {
+    let setup = Setup::new(50).await;
+    let started =
+        setup.resync().args(["job", "start", "--entity", "listing", "--detach"]).output().expect("start");
+    assert!(started.status.success(), "{}", String::from_utf8_lossy(&started.stderr));
+    let stdout = String::from_utf8_lossy(&started.stdout);
+    let job = stdout.lines().find_map(|l| l.strip_prefix("job ")).expect("job id").trim().to_string();
+    let renamed = setup.schema.sql("ALTER TABLE {schema}.listings RENAME TO listings_away");
+    sqlx::query(renamed).execute(&setup.pool).await.expect("take the source away");
+
+    let resumed = setup.resync().args(["job", "resume", &job]).output().expect("resume");
+    assert!(!resumed.status.success(), "a run without its source table fails");
+    let status = setup.resync().args(["job", "status", &job]).output().expect("status");
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains(" failed ") && status.contains("error: "), "{status}");
+    assert!(status.contains("listings"), "the error names what failed: {status}");
+
+    let back = setup.schema.sql("ALTER TABLE {schema}.listings_away RENAME TO listings");
+    sqlx::query(back).execute(&setup.pool).await.expect("put the source back");
+    let resumed = setup.resync().args(["job", "resume", &job]).output().expect("resume");
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    let json = setup.resync().args(["job", "status", &job, "--json"]).output().expect("status");
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).expect("status json");
+    assert_eq!((json["status"].as_str(), json["emitted"].as_i64()), (Some("published"), Some(50)), "{json}");
+    assert!(json["error"].is_null(), "the old error is cleared: {json}");
+
+    let cancelled = setup.resync().args(["job", "cancel", &job]).output().expect("cancel");
+    assert!(cancelled.status.success(), "{}", String::from_utf8_lossy(&cancelled.stderr));
+    let again = setup.resync().args(["job", "resume", &job]).output().expect("resume");
+    let said = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success() && said.contains("is cancelled: nothing to resume"), "{said}");
+    setup.cleanup().await;
+}
