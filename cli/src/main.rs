@@ -366,6 +366,7 @@ async fn main() -> Result<()> {
 }
 
 async fn relay(common: &Common, schema: Schema, args: RelayArgs) -> Result<()> {
+    resync_migrations::ensure_migrated(&common.database_url, &schema).await?;
     let transport = TransportConfig::named(&common.transport)?.connect().await?;
     let mut config = RelayConfig::new(schema);
     config.namespace = common.namespace.clone();
@@ -385,6 +386,7 @@ async fn relay(common: &Common, schema: Schema, args: RelayArgs) -> Result<()> {
 async fn consume(common: &Common, schema: Schema, args: ConsumeArgs) -> Result<()> {
     let catalog = fare_config::load_dir(&args.config_dir)?;
     let mut service = find_service(&catalog, &args.service, &args.config_dir)?.clone();
+    resync_migrations::ensure_migrated(&common.database_url, &schema).await?;
     if let Some(concurrency) = args.concurrency {
         service.consumer.concurrency = concurrency;
     }

@@ -31,12 +31,19 @@ pub enum MigrationError {
          or `_`, at most {MAX_SCHEMA_LEN} characters"
     )]
     InvalidSchema(String),
-    #[error("cannot connect to Postgres to migrate schema `{schema}`: {source}")]
+    #[error("cannot connect to Postgres (RESYNC_DATABASE_URL) for schema `{schema}`: {source}")]
     Connect { schema: String, source: sqlx::Error },
     #[error("preparing schema `{schema}` failed: {source}")]
     Prepare { schema: String, source: sqlx::Error },
     #[error("migrating schema `{schema}` failed: {source}")]
     Migrate { schema: String, source: sqlx::migrate::MigrateError },
+    #[error(
+        "schema `{schema}` is not migrated ({applied} of {total} migrations applied): run `resync migrate` \
+         with the same database and schema (RESYNC_DATABASE_URL, RESYNC_SCHEMA)"
+    )]
+    NotMigrated { schema: String, applied: usize, total: usize },
+    #[error("cannot read the migrations of schema `{schema}`: {source}")]
+    Check { schema: String, source: sqlx::Error },
 }
 
 impl Schema {
@@ -101,6 +108,37 @@ pub async fn migrate(database_url: &str, schema: &Schema) -> Result<(), Migratio
         .map_err(|source| MigrationError::Migrate { schema: name.clone(), source })?;
     tracing::info!(schema = %schema, "migrations applied");
     let _ = conn.close().await;
+    Ok(())
+}
+
+/// Checks that every migration is applied to `schema`, so a process started against a new
+/// database says to run `resync migrate` instead of failing on a missing table later.
+pub async fn ensure_migrated(database_url: &str, schema: &Schema) -> Result<(), MigrationError> {
+    let name = schema.name().to_string();
+    let check = |source| MigrationError::Check { schema: name.clone(), source };
+    let mut conn = PgConnection::connect(database_url)
+        .await
+        .map_err(|source| MigrationError::Connect { schema: name.clone(), source })?;
+    let table: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+        .bind(format!("{}._sqlx_migrations", schema.ident()))
+        .fetch_one(&mut conn)
+        .await
+        .map_err(check)?;
+    let applied: Vec<i64> = match table {
+        Some(_) => {
+            sqlx::query_scalar(schema.sql("SELECT version FROM {schema}._sqlx_migrations WHERE success"))
+                .fetch_all(&mut conn)
+                .await
+                .map_err(check)?
+        }
+        None => Vec::new(),
+    };
+    let _ = conn.close().await;
+    let total = MIGRATOR.iter().count();
+    let done = MIGRATOR.iter().filter(|m| applied.contains(&m.version)).count();
+    if done < total {
+        return Err(MigrationError::NotMigrated { schema: name, applied: done, total });
+    }
     Ok(())
 }
 

@@ -212,3 +212,38 @@ async fn sigkilled_leader_process_is_replaced_by_the_standby_process() {
     drop(second);
     setup.cleanup().await;
 }
+
+/// `relay` and `consume` against a schema nobody migrated exit at once, saying to run
+/// `resync migrate`; against a Postgres port nothing listens on, at once too, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_and_consume_refuse_an_unmigrated_schema_or_an_unreachable_database() {
+    let schema = Schema::new(unique_name("never").replace('-', "_")).expect("schema");
+    let namespace = unique_name("never");
+    let config_dir = std::env::temp_dir().join(&namespace);
+    std::fs::create_dir_all(&config_dir).expect("config dir");
+    let sync = "name = \"sync\"\n[[subscriptions]]\ntypes = [\"listing.*\"]\n[sink]\nurl = \"http://127.0.0.1:9/{entity_id}\"\n";
+    std::fs::write(config_dir.join("sync.toml"), sync).expect("config");
+    std::fs::write(
+        config_dir.join("listings.toml"),
+        "name = \"listings\"\npublishes = [\"listing.updated\"]\n",
+    )
+    .expect("config");
+    let dir = config_dir.to_string_lossy().to_string();
+    let consume = ["consume", "--service", "sync", "--config-dir", &dir, "--listen", "127.0.0.1:0"];
+    for args in [&["relay", "--listen", "127.0.0.1:0"][..], &consume[..]] {
+        let out = resync(&schema, &namespace, args).output().expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started on an unmigrated schema");
+        assert!(
+            stderr.contains("is not migrated") && stderr.contains("resync migrate"),
+            "{args:?}: {stderr}"
+        );
+
+        let dead = format!("postgres://postgres@127.0.0.1:{}/test", free_port().port());
+        let out = resync(&schema, &namespace, args).env("RESYNC_DATABASE_URL", dead).output().expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started without a database");
+        assert!(stderr.contains("cannot connect to Postgres"), "{args:?}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&config_dir);
+}
