@@ -134,42 +134,50 @@ async fn transient_failures_are_retried_until_applied() {
     .await;
 }
 
+/// v1 and v2 of one entity: a slow consumer's call for v1 is held at the sink while its lock
+/// is lost (expired in a pause, or Redis failed over); a fast consumer applies v2; then v1's
+/// call ends, landing late or (with `fail_held`) timing out. Returns the slow consumer's
+/// outcome and the versions the sink received, in order.
+async fn v1_held_while_its_lock_is_lost_and_v2_applied(w: &World, fail_held: bool) -> (Outcome, Vec<i64>) {
+    w.publish(&history(1, 2)).await;
+    let mut subscription = w.transport.subscribe(&w.queue, Default::default()).await.expect("subscribe");
+    let mut deliveries = Vec::new();
+    while deliveries.len() < 2 {
+        deliveries.extend(subscription.next_batch(2, Duration::from_secs(5)).await.expect("next_batch"));
+    }
+    deliveries.sort_by_key(|d| d.envelope(&Default::default()).expect("envelope").version);
+    let v2 = deliveries.pop().expect("v2");
+    let v1 = deliveries.pop().expect("v1");
+
+    *w.sink.faults.hold_version.lock().unwrap() = Some(1);
+    w.sink.faults.fail_held.store(fail_held, Ordering::SeqCst);
+    let slow = Arc::new(w.processor(Duration::from_secs(5)).await);
+    let held = tokio::spawn({
+        let slow = slow.clone();
+        async move { slow.handle(v1).await }
+    });
+    w.sink.faults.entered.notified().await;
+    let mut redis = redis_connection().await;
+    let pattern = format!("{}:resync:lock:*", w.namespace);
+    let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut redis).await.expect("KEYS");
+    let keys: Vec<String> = keys.into_iter().filter(|k| !k.ends_with(":fence")).collect();
+    assert_eq!(keys.len(), 1, "the slow consumer holds the entity lock: {keys:?}");
+    let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await.expect("DEL");
+
+    let fast = w.processor(Duration::from_secs(5)).await;
+    assert_eq!(fast.handle(v2).await, Outcome::Applied);
+    w.sink.faults.release.notify_one();
+    let outcome = held.await.expect("slow consumer");
+    let versions = w.sink.writes.lock().unwrap().iter().map(|w| w.version).collect();
+    (outcome, versions)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_that_lost_its_lock_to_a_newer_version_is_repaired() {
     let world = World::new(rabbitmq().await).await;
     with_world(world, |w| async move {
-        let events = history(1, 2);
-        w.publish(&events).await;
-        let mut subscription = w.transport.subscribe(&w.queue, Default::default()).await.expect("subscribe");
-        let mut deliveries = Vec::new();
-        while deliveries.len() < 2 {
-            deliveries.extend(subscription.next_batch(2, Duration::from_secs(5)).await.expect("next_batch"));
-        }
-        deliveries.sort_by_key(|d| d.envelope(&Default::default()).expect("envelope").version);
-        let v2 = deliveries.pop().expect("v2");
-        let v1 = deliveries.pop().expect("v1");
-
-        *w.sink.faults.hold_version.lock().unwrap() = Some(1);
-        let slow = Arc::new(w.processor(Duration::from_secs(5)).await);
-        let held = tokio::spawn({
-            let slow = slow.clone();
-            async move { slow.handle(v1).await }
-        });
-        w.sink.faults.entered.notified().await;
-        // The slow consumer's lock is lost (expired in a pause, or Redis failed over).
-        let mut redis = redis_connection().await;
-        let pattern = format!("{}:resync:lock:*", w.namespace);
-        let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut redis).await.expect("KEYS");
-        let keys: Vec<String> = keys.into_iter().filter(|k| !k.ends_with(":fence")).collect();
-        assert_eq!(keys.len(), 1, "the slow consumer holds the entity lock: {keys:?}");
-        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await.expect("DEL");
-
-        let fast = w.processor(Duration::from_secs(5)).await;
-        assert_eq!(fast.handle(v2).await, Outcome::Applied);
-        w.sink.faults.release.notify_one();
-        assert_eq!(held.await.expect("slow consumer"), Outcome::Repaired);
-
-        let versions: Vec<i64> = w.sink.writes.lock().unwrap().iter().map(|w| w.version).collect();
+        let (outcome, versions) = v1_held_while_its_lock_is_lost_and_v2_applied(&w, false).await;
+        assert_eq!(outcome, Outcome::Repaired);
         assert_eq!(versions, vec![2, 1, 2], "the late v1 was followed by a re-send of v2");
         assert_eq!(w.sink.unrepaired_stale_writes(), vec![], "no stale write survives");
     })
@@ -184,37 +192,8 @@ async fn a_write_that_lost_its_lock_to_a_newer_version_is_repaired() {
 async fn a_consumer_that_lost_its_lock_does_not_retry_its_call() {
     let world = World::new(rabbitmq().await).await;
     with_world(world, |w| async move {
-        let events = history(1, 2);
-        w.publish(&events).await;
-        let mut subscription = w.transport.subscribe(&w.queue, Default::default()).await.expect("subscribe");
-        let mut deliveries = Vec::new();
-        while deliveries.len() < 2 {
-            deliveries.extend(subscription.next_batch(2, Duration::from_secs(5)).await.expect("next_batch"));
-        }
-        deliveries.sort_by_key(|d| d.envelope(&Default::default()).expect("envelope").version);
-        let v2 = deliveries.pop().expect("v2");
-        let v1 = deliveries.pop().expect("v1");
-
-        *w.sink.faults.hold_version.lock().unwrap() = Some(1);
-        w.sink.faults.fail_held.store(true, Ordering::SeqCst);
-        let slow = Arc::new(w.processor(Duration::from_secs(5)).await);
-        let held = tokio::spawn({
-            let slow = slow.clone();
-            async move { slow.handle(v1).await }
-        });
-        w.sink.faults.entered.notified().await;
-        let mut redis = redis_connection().await;
-        let pattern = format!("{}:resync:lock:*", w.namespace);
-        let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut redis).await.expect("KEYS");
-        let keys: Vec<String> = keys.into_iter().filter(|k| !k.ends_with(":fence")).collect();
-        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await.expect("DEL");
-
-        let fast = w.processor(Duration::from_secs(5)).await;
-        assert_eq!(fast.handle(v2).await, Outcome::Applied);
-        w.sink.faults.release.notify_one();
-        assert_eq!(held.await.expect("slow consumer"), Outcome::Requeued, "back to the queue, not retried");
-
-        let versions: Vec<i64> = w.sink.writes.lock().unwrap().iter().map(|w| w.version).collect();
+        let (outcome, versions) = v1_held_while_its_lock_is_lost_and_v2_applied(&w, true).await;
+        assert_eq!(outcome, Outcome::Requeued, "back to the queue, not retried");
         assert_eq!(versions, vec![2], "v1 was never written over v2");
     })
     .await;
