@@ -269,6 +269,19 @@ enum OutboxCommand {
         #[arg(long, value_parser = humantime::parse_duration)]
         older_than: Duration,
     },
+    /// List the events the relay set aside because their entity type has no topic, per type.
+    Parked,
+    /// Put an entity type's parked events back in line for the relay, in order (after `fare
+    /// apply` created its topic).
+    Release {
+        #[arg(long)]
+        entity_type: String,
+    },
+    /// Give up on an entity type's parked events: never published (they stay in the log).
+    Drop {
+        #[arg(long)]
+        entity_type: String,
+    },
 }
 
 #[tokio::main]
@@ -355,11 +368,31 @@ async fn main() -> Result<()> {
         }
         Command::Dlq { command } => dlq::run(&cli.common, command).await?,
         Command::Job { command } => job::run(&cli.common, &schema, command).await?,
-        Command::Outbox { command: OutboxCommand::Prune { older_than } } => {
+        Command::Outbox { command } => {
             let pool =
                 sqlx::PgPool::connect(&cli.common.database_url).await.context("connecting to Postgres")?;
-            let deleted = resync_producer::prune(&pool, &schema, older_than).await?;
-            println!("pruned {deleted} events older than {}", humantime::format_duration(older_than));
+            match command {
+                OutboxCommand::Prune { older_than } => {
+                    let deleted = resync_producer::prune(&pool, &schema, older_than).await?;
+                    println!("pruned {deleted} events older than {}", humantime::format_duration(older_than));
+                }
+                OutboxCommand::Parked => {
+                    for p in resync_producer::parked(&pool, &schema).await? {
+                        println!(
+                            "{}: {} events parked (seq {}..={}): {}",
+                            p.entity_type, p.events, p.first_seq, p.last_seq, p.reason
+                        );
+                    }
+                }
+                OutboxCommand::Release { entity_type } => {
+                    let released = resync_producer::release_parked(&pool, &schema, &entity_type).await?;
+                    println!("released {released} parked {entity_type} events to the relay");
+                }
+                OutboxCommand::Drop { entity_type } => {
+                    let dropped = resync_producer::drop_parked(&pool, &schema, &entity_type).await?;
+                    println!("dropped {dropped} parked {entity_type} events (still in the log)");
+                }
+            }
         }
     }
     Ok(())

@@ -18,7 +18,10 @@ pub mod metrics;
 mod relay;
 
 pub use emit::{EmitError, EmittedEvent, NewEvent, emit};
-pub use log::{LogError, ReplayRequest, ReplayTarget, Replayed, prune, replay};
+pub use log::{
+    LogError, Parked, ReplayRequest, ReplayTarget, Replayed, drop_parked, parked, prune, release_parked,
+    replay,
+};
 pub use relay::{Relay, RelayConfig, RelayError, RelayStatus};
 pub use resync_migrations::Schema;
 

@@ -126,6 +126,7 @@ pub async fn prune(pool: &PgPool, schema: &Schema, older_than: Duration) -> Resu
              SELECT o.seq FROM {schema}.outbox o \
              WHERE o.occurred_at < now() - make_interval(secs => $1) \
                AND NOT EXISTS (SELECT 1 FROM {schema}.outbox_pending p WHERE p.seq = o.seq) \
+               AND NOT EXISTS (SELECT 1 FROM {schema}.outbox_parked k WHERE k.seq = o.seq) \
              ORDER BY o.seq LIMIT 10000)",
     );
     let mut deleted = 0;
@@ -143,4 +144,58 @@ pub async fn prune(pool: &PgPool, schema: &Schema, older_than: Duration) -> Resu
     }
     info!(deleted, ?older_than, "pruned the event log");
     Ok(deleted)
+}
+
+/// Events the relay parked, per entity type: how many, the first and last sequence numbers,
+/// and why (the newest reason).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Parked {
+    pub entity_type: String,
+    pub events: i64,
+    pub first_seq: i64,
+    pub last_seq: i64,
+    pub reason: String,
+}
+
+/// What the relay parked, by entity type.
+pub async fn parked(pool: &PgPool, schema: &Schema) -> Result<Vec<Parked>, LogError> {
+    let sql = schema.sql(
+        "SELECT entity_type, count(*) AS events, min(seq) AS first_seq, max(seq) AS last_seq, \
+                (array_agg(reason ORDER BY seq DESC))[1] AS reason \
+         FROM {schema}.outbox_parked GROUP BY entity_type ORDER BY entity_type",
+    );
+    sqlx::query_as(sql)
+        .fetch_all(pool)
+        .await
+        .map_err(|source| LogError::Database { doing: "reading parked events", source })
+}
+
+/// Puts the parked events of `entity_type` back in line for the relay, in their order (once
+/// a topic exists for them); returns how many.
+pub async fn release_parked(pool: &PgPool, schema: &Schema, entity_type: &str) -> Result<u64, LogError> {
+    let sql = schema.sql(
+        "WITH released AS (DELETE FROM {schema}.outbox_parked WHERE entity_type = $1 RETURNING seq) \
+         INSERT INTO {schema}.outbox_pending SELECT seq FROM released ON CONFLICT DO NOTHING",
+    );
+    let released = sqlx::query(sql)
+        .bind(entity_type)
+        .execute(pool)
+        .await
+        .map_err(|source| LogError::Database { doing: "releasing parked events", source })?
+        .rows_affected();
+    let notify = sqlx::query("SELECT pg_notify($1, '')").bind(schema.notify_channel());
+    notify.execute(pool).await.map_err(|source| LogError::Database { doing: "waking the relay", source })?;
+    Ok(released)
+}
+
+/// Gives up on the parked events of `entity_type`: they are never published (they stay in
+/// the log); returns how many.
+pub async fn drop_parked(pool: &PgPool, schema: &Schema, entity_type: &str) -> Result<u64, LogError> {
+    let sql = schema.sql("DELETE FROM {schema}.outbox_parked WHERE entity_type = $1");
+    Ok(sqlx::query(sql)
+        .bind(entity_type)
+        .execute(pool)
+        .await
+        .map_err(|source| LogError::Database { doing: "dropping parked events", source })?
+        .rows_affected())
 }

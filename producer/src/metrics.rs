@@ -8,6 +8,10 @@ pub fn describe() {
     describe_counter!("resync_relay_published_total", "Events published to the broker.");
     describe_counter!("resync_relay_errors_total", "Publish or database errors the relay retried.");
     describe_counter!("resync_replayed_total", "Events republished by replay.");
+    describe_counter!(
+        "resync_relay_parked_total",
+        "Events set aside because their entity type has no topic (see `resync outbox parked`)."
+    );
     describe_gauge!(
         "resync_relay_pending_events",
         "Events committed but not yet published; 0 when the outbox is empty."
@@ -16,4 +20,5 @@ pub fn describe() {
     describe_gauge!("resync_relay_leader", "1 while this relay is the leader.");
     metrics::counter!("resync_relay_published_total").absolute(0);
     metrics::counter!("resync_relay_errors_total").absolute(0);
+    metrics::counter!("resync_relay_parked_total").absolute(0);
 }

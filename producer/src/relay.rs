@@ -19,7 +19,7 @@ use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, error, info, info_span};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 use uuid::Uuid;
 
 /// Relay settings. Defaults suit production; tests shorten the intervals.
@@ -265,16 +265,36 @@ impl Relay {
         let seqs: Vec<i64> = batch.iter().map(|r| r.seq).collect();
         let span = info_span!("relay_batch", first_seq, last_seq, events);
         async {
-            for (topic, messages) in self.group_by_topic(batch) {
-                let count = messages.len();
-                self.transport
-                    .publish_batch(&Destination::Topic(topic), messages)
-                    .await
-                    .map_err(|source| RelayError::Publish { events: count, source })?;
+            let held_back = self.parked_types(conn, &batch).await?;
+            let mut parked = 0;
+            for group in self.group_by_topic(batch) {
+                let count = group.messages.len();
+                let reason = if held_back.contains(&group.entity_type) {
+                    format!("earlier `{}` events are parked", group.entity_type)
+                } else {
+                    match self
+                        .transport
+                        .publish_batch(&Destination::Topic(group.topic.clone()), group.messages)
+                        .await
+                    {
+                        Ok(()) => continue,
+                        Err(TransportError::NotFound(_)) => format!(
+                            "no topic `{}`: no service config publishes `{}` events (run `fare apply`), \
+                             or the type is a typo",
+                            group.topic, group.entity_type
+                        ),
+                        Err(source) => return Err(RelayError::Publish { events: count, source }),
+                    }
+                };
+                warn!(entity_type = %group.entity_type, events = count, %reason,
+                    "events parked; later events of other types flow on (`resync outbox release` or `drop`)");
+                self.park(conn, &group.entity_type, &group.seqs, &reason).await?;
+                parked += count;
             }
             let sql = self.config.schema.sql("DELETE FROM {schema}.outbox_pending WHERE seq = ANY($1)");
             sqlx::query(sql).bind(&seqs).execute(conn).await.map_err(db("marking events published"))?;
-            metrics::counter!("resync_relay_published_total").increment(events as u64);
+            metrics::counter!("resync_relay_published_total").increment((events - parked) as u64);
+            metrics::counter!("resync_relay_parked_total").increment(parked as u64);
             debug!("published");
             Ok(())
         }
@@ -282,16 +302,63 @@ impl Relay {
         .await
     }
 
-    fn group_by_topic(&self, batch: Vec<PendingRow>) -> Vec<(String, Vec<OutgoingMessage>)> {
-        let mut groups: Vec<(String, Vec<OutgoingMessage>)> = Vec::new();
+    /// The entity types of `batch` that have parked events: their later events are parked
+    /// too, so an entity's events stay in order.
+    async fn parked_types(
+        &self,
+        conn: &mut PgConnection,
+        batch: &[PendingRow],
+    ) -> Result<Vec<String>, RelayError> {
+        let types: Vec<&str> = batch.iter().map(|r| r.entity_type.as_str()).collect();
+        let sql = self
+            .config
+            .schema
+            .sql("SELECT DISTINCT entity_type FROM {schema}.outbox_parked WHERE entity_type = ANY($1)");
+        sqlx::query_scalar(sql).bind(&types).fetch_all(conn).await.map_err(db("reading parked entity types"))
+    }
+
+    /// Sets events aside (they leave `outbox_pending` with the rest of the batch).
+    async fn park(
+        &self,
+        conn: &mut PgConnection,
+        entity_type: &str,
+        seqs: &[i64],
+        reason: &str,
+    ) -> Result<(), RelayError> {
+        let sql = self.config.schema.sql(
+            "INSERT INTO {schema}.outbox_parked (seq, entity_type, reason) \
+             SELECT unnest($1::bigint[]), $2, $3 ON CONFLICT DO NOTHING",
+        );
+        let query = sqlx::query(sql).bind(seqs).bind(entity_type).bind(reason);
+        query.execute(conn).await.map_err(db("parking unroutable events"))?;
+        Ok(())
+    }
+
+    fn group_by_topic(&self, batch: Vec<PendingRow>) -> Vec<TopicGroup> {
+        let mut groups: Vec<TopicGroup> = Vec::new();
         for row in batch {
             let topic = crate::live_topic(self.config.namespace.as_deref(), &row.entity_type);
+            let seq = row.seq;
+            let entity_type = row.entity_type.clone();
             let message = OutgoingMessage::from_envelope(&row.envelope());
-            match groups.iter_mut().find(|(t, _)| *t == topic) {
-                Some((_, messages)) => messages.push(message),
-                None => groups.push((topic, vec![message])),
+            match groups.iter_mut().find(|g| g.topic == topic) {
+                Some(group) => {
+                    group.seqs.push(seq);
+                    group.messages.push(message);
+                }
+                None => {
+                    groups.push(TopicGroup { topic, entity_type, seqs: vec![seq], messages: vec![message] })
+                }
             }
         }
         groups
     }
+}
+
+/// The events of a batch bound for one topic (one entity type), in sequence order.
+struct TopicGroup {
+    topic: String,
+    entity_type: String,
+    seqs: Vec<i64>,
+    messages: Vec<OutgoingMessage>,
 }

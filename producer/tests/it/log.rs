@@ -119,3 +119,68 @@ async fn prune_deletes_old_published_events_and_never_pending_ones() {
     })
     .await;
 }
+
+/// Receives until `n` events arrived (a hang guard of 30 s), acking them.
+async fn receive_n(w: &World, n: usize) -> Vec<resync_bus::Envelope> {
+    let mut subscription = w.subscribe(0).await;
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while out.len() < n {
+        assert!(tokio::time::Instant::now() < deadline, "{} of {n} events arrived", out.len());
+        for d in subscription.next_batch(100, Duration::from_millis(500)).await.expect("next_batch") {
+            out.push(d.envelope(&Default::default()).expect("envelope"));
+            d.ack().await.expect("ack");
+        }
+    }
+    let _ = subscription.close().await;
+    out
+}
+
+/// An event whose entity type has no topic no longer stops the relay: it and every later event
+/// of its type are parked (so they stay in order), events of other types flow on, and once a
+/// topic exists `release` publishes the parked ones in their order (it once retried for ever
+/// with every later event stuck behind it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_an_entity_type_without_a_topic_are_parked_and_the_rest_flows() {
+    let world = World::new(rabbitmq().await, 1, 4).await;
+    with_world(world, |w| async move {
+        let relay = w.start_relay(&w.database_url, w.transport.clone());
+        relay.wait_for(RelayStatus::Leader).await;
+        let mut tx = w.pool.begin().await.expect("begin");
+        for i in 0..10 {
+            for event_type in ["widget.updated", "listing.updated"] {
+                let event = NewEvent::new(event_type, (i % 3).to_string(), serde_json::json!({"i": i}));
+                emit(&mut tx, &w.schema, &event).await.expect("emit");
+            }
+        }
+        tx.commit().await.expect("commit");
+
+        let listings = receive_n(&w, 10).await;
+        assert!(listings.iter().all(|e| e.entity_type == "listing"), "only listings are routable yet");
+        eventually("nothing pending", Duration::from_secs(30), || async { w.pending().await == 0 }).await;
+        let parked = resync_producer::parked(&w.pool, &w.schema).await.expect("parked");
+        assert_eq!(parked.len(), 1, "{parked:?}");
+        assert_eq!((parked[0].entity_type.as_str(), parked[0].events), ("widget", 10));
+        assert!(parked[0].reason.contains("no topic"), "{parked:?}");
+
+        let topic = resync_producer::live_topic(Some(&w.namespace), "widget");
+        w.transport.declare_topic(&topic, None).await.expect("widget topic");
+        w.transport.bind(&topic, &w.queues[0], &Filter::all()).await.expect("bind");
+        let released = resync_producer::release_parked(&w.pool, &w.schema, "widget").await.expect("release");
+        assert_eq!(released, 10);
+        let widgets = receive_n(&w, 10).await;
+        let versions: Vec<(String, i64)> = widgets.iter().map(|e| (e.entity_id.clone(), e.version)).collect();
+        let mut in_order = versions.clone();
+        in_order.sort_by_key(|(id, version)| (id.clone(), *version));
+        let per_entity = |v: &[(String, i64)], id: &str| {
+            v.iter().filter(|(e, _)| e == id).map(|(_, n)| *n).collect::<Vec<_>>()
+        };
+        for id in ["0", "1", "2"] {
+            assert_eq!(per_entity(&versions, id), per_entity(&in_order, id), "widget {id} in version order");
+        }
+        assert!(resync_producer::parked(&w.pool, &w.schema).await.expect("parked").is_empty());
+        relay.stop().await;
+        let _ = w.transport.delete_topic(&topic).await;
+    })
+    .await;
+}
