@@ -225,7 +225,9 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
                         let applied = drift
                             .applied_version
                             .map_or("never applied".to_string(), |v| format!("v{v} applied"));
-                        println!("  {} v{} in the source, {applied}", drift.entity_id, drift.source_version);
+                        let source =
+                            drift.source_version.map_or("no version".to_string(), |v| format!("v{v}"));
+                        println!("  {} {source} in the source, {applied}", drift.entity_id);
                     }
                 }
             }

@@ -241,7 +241,9 @@ pub struct SourceSpec {
     /// `table` or `schema.table`.
     pub table: String,
     pub id_column: String,
-    pub version_column: String,
+    /// A column the application keeps equal to the version `resync.emit` assigned, checked
+    /// against it; `None` (the default): a job reads resync's own per-entity counter.
+    pub version_column: Option<String>,
     /// A jsonb column holding the event data, or the columns that form it.
     pub data: SourceData,
     /// A boolean column: true rows are resent as `<entity>.deleted` tombstones.
@@ -291,7 +293,11 @@ struct SourceFile {
     table: String,
     /// The entity id column (any type; sent as text). Default `id`.
     id_column: Option<String>,
-    /// The entity version column (an integer the application increments). Default `version`.
+    /// Optional. By default a job sends the version `resync.emit` last assigned to the entity
+    /// (resync's own counter, read in the job's snapshot), so live and resync events always
+    /// agree. Name a column only if the table keeps a copy of that version (it is checked
+    /// against resync's, and a job that finds them different refuses to start) or if the
+    /// service publishes its own events with this column as their version (no counter yet).
     version_column: Option<String>,
     /// A jsonb column holding the event data ...
     data_column: Option<String>,
@@ -498,9 +504,10 @@ fn validate_source(
         check_identifier(file, &key("table"), part)?;
     }
     let id_column = raw.id_column.unwrap_or_else(|| "id".into());
-    let version_column = raw.version_column.unwrap_or_else(|| "version".into());
     check_identifier(file, &key("id_column"), &id_column)?;
-    check_identifier(file, &key("version_column"), &version_column)?;
+    if let Some(column) = &raw.version_column {
+        check_identifier(file, &key("version_column"), column)?;
+    }
     let data = match (raw.data_column, raw.data_columns) {
         (Some(column), None) => {
             check_identifier(file, &key("data_column"), &column)?;
@@ -530,7 +537,7 @@ fn validate_source(
         entity: raw.entity,
         table: raw.table,
         id_column,
-        version_column,
+        version_column: raw.version_column,
         data,
         deleted_column: raw.deleted_column,
         filter: raw.filter,
@@ -907,7 +914,7 @@ publishes = ["listing.created", "listing.updated", "listing.deleted"]
         )
         .expect("valid");
         let source = &service.sources[0];
-        assert_eq!((source.id_column.as_str(), source.version_column.as_str()), ("id", "version"));
+        assert_eq!((source.id_column.as_str(), source.version_column.as_deref()), ("id", None));
         assert_eq!(source.data, SourceData::Columns(vec!["title".into(), "price".into()]));
 
         let cases = [

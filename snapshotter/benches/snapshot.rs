@@ -86,7 +86,7 @@ async fn job(
         entity: "listing".into(),
         table: format!("{}.listings", schema.name()),
         id_column: "id".into(),
-        version_column: "version".into(),
+        version_column: Some("version".into()),
         data: SourceData::Column("data".into()),
         deleted_column: Some("deleted".into()),
         filter: None,

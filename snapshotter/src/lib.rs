@@ -222,8 +222,8 @@ pub async fn create(
     source: &SourceSpec,
     options: &JobOptions,
 ) -> Result<Uuid> {
-    let rejected = options.only_rejected_by.as_deref().map(|sink| query::Rejected { schema, sink });
-    let query = SourceQuery::build(pool, source, options.filter.as_deref(), rejected).await?;
+    let (filter, rejected_by) = (options.filter.as_deref(), options.only_rejected_by.as_deref());
+    let query = SourceQuery::build(pool, schema, source, filter, rejected_by).await?;
     let destination = if options.target_queues.is_empty() {
         JobDestination::Topic(resync_bus::naming::topic_name(namespace, &source.entity, Stream::Resync))
     } else {
@@ -450,6 +450,7 @@ impl RangeRun<'_> {
                 .await?;
             let last = rows.last().map(|r| r.id.clone());
             let done = (rows.len() as i64) < size;
+            let rows = versioned(self.pool, self.schema, &self.spec.entity_type, rows).await?;
             if !rows.is_empty() {
                 pacer.lock().await.wait(rows.len()).await;
                 let sent: Vec<(String, i64)> = rows.iter().map(|r| (r.id.clone(), r.version)).collect();
@@ -469,6 +470,69 @@ impl RangeRun<'_> {
             checkpoint = last;
         }
     }
+}
+
+/// Gives each row the version its event is sent with: resync's counter (the version
+/// `resync.emit` last assigned, read in the job's snapshot with the row), so a resync event and
+/// the live events around it are ordered by the same counter.
+///
+/// An entity resync never counted (rows written without `resync.emit`, e.g. loaded before resync
+/// was adopted) gets its first version now: the table's version column if it names one, else 1,
+/// recorded in the counter so the next `resync.emit` continues after it. If an emit recorded
+/// one first (after the job's snapshot), the row is left out: that live event carries newer
+/// state than the snapshot's.
+async fn versioned(
+    pool: &PgPool,
+    schema: &Schema,
+    entity_type: &str,
+    rows: Vec<query::ReadRow>,
+) -> Result<Vec<SourceRow>> {
+    let (uncounted, seeds): (Vec<&str>, Vec<i64>) = rows
+        .iter()
+        .filter(|row| row.counted.is_none())
+        .map(|row| (row.id.as_str(), row.declared.unwrap_or(1).max(1)))
+        .unzip();
+    let seeded: std::collections::HashMap<String, i64> = if uncounted.is_empty() {
+        Default::default()
+    } else {
+        let sql = schema.sql(
+            "INSERT INTO {schema}.entity_versions (entity_type, entity_id, version) \
+             SELECT $1, i, v FROM unnest($2::text[], $3::bigint[]) AS s(i, v) \
+             ON CONFLICT (entity_type, entity_id) DO NOTHING RETURNING entity_id, version",
+        );
+        sqlx::query_as(sql)
+            .bind(entity_type)
+            .bind(&uncounted)
+            .bind(&seeds)
+            .fetch_all(pool)
+            .await
+            .map_err(db("giving entities resync never counted their first version"))?
+            .into_iter()
+            .collect()
+    };
+    let disagreeing: Vec<&str> = rows.iter().filter(|r| r.disagrees()).map(|r| r.id.as_str()).collect();
+    if let Some(first) = disagreeing.first() {
+        warn!(entity = %entity_type, rows = disagreeing.len(), first = %first,
+            "the table's version column disagrees with resync.emit's versions; sending resync's");
+    }
+    let mut emitted_since = 0_usize;
+    let mut versioned = Vec::with_capacity(rows.len());
+    for row in rows {
+        let version = match (row.counted, seeded.get(&row.id)) {
+            (Some(counted), _) => counted,
+            (None, Some(seed)) => *seed,
+            (None, None) => {
+                emitted_since += 1;
+                continue;
+            }
+        };
+        versioned.push(SourceRow { id: row.id, version, deleted: row.deleted, data: row.data });
+    }
+    if emitted_since > 0 {
+        info!(entity = %entity_type, rows = emitted_since,
+            "left out rows first emitted after the job's snapshot: their live events are newer");
+    }
+    Ok(versioned)
 }
 
 /// A read-only transaction that sees the database as of one instant until it ends.
@@ -760,7 +824,8 @@ impl SourceRow {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Drift {
     pub entity_id: String,
-    pub source_version: i64,
+    /// `None`: resync never counted a version for the entity and the source names no column.
+    pub source_version: Option<i64>,
     /// `None`: the sink never applied the entity.
     pub applied_version: Option<i64>,
 }
@@ -806,14 +871,11 @@ pub async fn verify(pool: &PgPool, schema: &Schema, id: Uuid, sink: &str) -> Res
             .collect();
         for row in &rows {
             let applied_version = applied.get(&row.id).copied();
-            if applied_version != Some(row.version) {
+            let source_version = row.counted.or(row.declared);
+            if source_version.is_none() || applied_version != source_version {
                 report.drift_count += 1;
                 if report.drift.len() < MAX_DRIFT_LISTED {
-                    report.drift.push(Drift {
-                        entity_id: row.id.clone(),
-                        source_version: row.version,
-                        applied_version,
-                    });
+                    report.drift.push(Drift { entity_id: row.id.clone(), source_version, applied_version });
                 }
             }
         }

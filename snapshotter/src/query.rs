@@ -2,12 +2,39 @@
 //! the catalog: every identifier comes from config, is validated there, exists in the table and
 //! is quoted here; the id's type comes from Postgres itself. The only expression from config is
 //! the optional filter, written by the service's owners and run in a read-only transaction.
+//!
+//! Each row is read with resync's own version of its entity (`entity_versions`, the counter
+//! `resync.emit` bumps) in the same statement, hence the same snapshot as the row: a row and
+//! the version its last event carried always belong together.
 
 use fare_config::{SourceData, SourceSpec};
+use resync_migrations::Schema;
 use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row};
 
-use crate::{JobError, Result, SourceRow, db};
+use crate::{JobError, Result, db};
+
+/// One source row as read, before its version is settled (see `versioned` in the crate root).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ReadRow {
+    pub(crate) id: String,
+    /// The version `resync.emit` last assigned to the entity; `None`: it never emitted one.
+    pub(crate) counted: Option<i64>,
+    /// The table's own `version_column`, if the source names one.
+    pub(crate) declared: Option<i64>,
+    pub(crate) deleted: bool,
+    pub(crate) data: serde_json::Value,
+}
+
+impl ReadRow {
+    /// The row's table column differs from resync's counter.
+    pub(crate) fn disagrees(&self) -> bool {
+        matches!((self.counted, self.declared), (Some(c), Some(d)) if c != d)
+    }
+}
+
+/// Rows the start-up check compares a declared version column on.
+const VERSION_SAMPLE: i64 = 1000;
 
 /// The statements a job runs against its source.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,12 +48,6 @@ pub struct SourceQuery {
     pub count: String,
     /// Every `$1`-th id in id order (as text), at most `$2` of them: where ranges split.
     pub split_points: String,
-}
-
-/// Limits a job to the entities a sink had dead-lettered (table `dead_lettered_entities`).
-pub(crate) struct Rejected<'a> {
-    pub(crate) schema: &'a resync_migrations::Schema,
-    pub(crate) sink: &'a str,
 }
 
 /// An SQL string literal (standard_conforming_strings: only `'` needs doubling).
@@ -44,12 +65,15 @@ fn quoted_table(table: &str) -> String {
 }
 
 impl SourceQuery {
-    /// Checks the table and columns exist and builds the statements.
+    /// Checks the table and columns exist and builds the statements. `schema` is resync's (its
+    /// version counter); `rejected_by` limits the job to the entities that sink dead-lettered
+    /// (table `dead_lettered_entities`).
     pub(crate) async fn build(
         pool: &PgPool,
+        schema: &Schema,
         source: &SourceSpec,
         extra_filter: Option<&str>,
-        rejected: Option<Rejected<'_>>,
+        rejected_by: Option<&str>,
     ) -> Result<Self> {
         let table = quoted_table(&source.table);
         let problem = |problem: String| JobError::Source { table: source.table.clone(), problem };
@@ -62,7 +86,13 @@ impl SourceQuery {
                 .ok_or_else(|| problem(format!("no column `{column}` (columns: {})", names(&columns))))
         };
         let id_type = type_of(&source.id_column)?;
-        type_of(&source.version_column)?;
+        let declared = match &source.version_column {
+            Some(column) => {
+                type_of(column)?;
+                format!("{}::bigint", quote(column))
+            }
+            None => "NULL::bigint".into(),
+        };
         let data = match &source.data {
             SourceData::Column(column) => {
                 type_of(column)?;
@@ -96,12 +126,12 @@ impl SourceQuery {
             .flatten()
             .map(|f| format!("({f})"))
             .collect::<Vec<_>>();
-        if let Some(rejected) = rejected {
+        let resync = quote(schema.name());
+        let entity = literal(&source.entity);
+        if let Some(sink) = rejected_by {
             filter.push(format!(
-                "{id}::text IN (SELECT entity_id FROM {}.dead_lettered_entities WHERE sink = {} AND entity_type = {})",
-                quote(rejected.schema.name()),
-                literal(rejected.sink),
-                literal(&source.entity)
+                "{id}::text IN (SELECT entity_id FROM {resync}.dead_lettered_entities WHERE sink = {} AND entity_type = {entity})",
+                literal(sink),
             ));
         }
         let filter = if filter.is_empty() { "true".to_string() } else { filter.join(" AND ") };
@@ -109,10 +139,15 @@ impl SourceQuery {
         // win there) and sort an integer key in text order, so the key is always qualified
         // with the table's alias: chunks and checkpoints follow the key's own order.
         let key = format!("src.{id}");
+        // A subquery rather than a join: the filter and data columns name the table's columns
+        // unqualified, and a join would make a table column called `version` ambiguous.
+        let counted = format!(
+            "(SELECT ev.version FROM {resync}.entity_versions AS ev \
+              WHERE ev.entity_type = {entity} AND ev.entity_id = {key}::text)"
+        );
         let select = format!(
-            "SELECT {key}::text AS id, {}::bigint AS version, {deleted} AS deleted, {data} AS data \
-             FROM {table} AS src",
-            quote(&source.version_column)
+            "SELECT {key}::text AS id, {counted} AS counted, {declared} AS declared, {deleted} AS deleted, \
+             {data} AS data FROM {table} AS src"
         );
         let upto = |n: u8| format!("(${n}::text IS NULL OR {key} <= CAST(${n} AS {id_type}))");
         let query = Self {
@@ -127,20 +162,25 @@ impl SourceQuery {
                  FROM {table} WHERE {filter}) numbered WHERE n % $1 = 0 ORDER BY n LIMIT $2"
             ),
         };
-        query.check(pool, &source.table).await?;
+        query.check(pool, source).await?;
         Ok(query)
     }
 
-    /// Runs each statement once, on at most one row, so a bad filter or type fails at
+    /// Runs each statement once, on a sample of rows, so a bad filter or type fails at
     /// `job start` rather than mid-job; in a read-only transaction, like every statement a job
-    /// runs against its source (a filter calling `nextval` fails here, changing nothing).
-    async fn check(&self, pool: &PgPool, table: &str) -> Result<()> {
+    /// runs against its source (a filter calling `nextval` fails here, changing nothing). A
+    /// declared version column must hold the versions `resync.emit` assigned on the sample.
+    async fn check(&self, pool: &PgPool, source: &SourceSpec) -> Result<()> {
+        let table = &source.table;
         let failed = |e: sqlx::Error| JobError::Source { table: table.to_string(), problem: e.to_string() };
         let mut conn = pool.begin().await.map_err(failed)?;
         sqlx::query("SET TRANSACTION READ ONLY").execute(&mut *conn).await.map_err(failed)?;
-        let first = self.chunk(&mut conn, None, None, 1).await?;
-        if let Some(row) = first.first() {
+        let sample = self.chunk(&mut conn, None, None, VERSION_SAMPLE).await?;
+        if let Some(row) = sample.first() {
             self.chunk(&mut conn, Some(&row.id), Some(&row.id), 1).await?;
+        }
+        if let Some(problem) = version_disagreement(source, &sample) {
+            return Err(JobError::Source { table: table.to_string(), problem });
         }
         // Planned, not run: both read the whole table.
         let count = sqlx::query(AssertSqlSafe(format!("EXPLAIN {}", self.count)));
@@ -185,7 +225,7 @@ impl SourceQuery {
         checkpoint: Option<&str>,
         upto: Option<&str>,
         size: i64,
-    ) -> Result<Vec<SourceRow>> {
+    ) -> Result<Vec<ReadRow>> {
         let rows = match checkpoint {
             None => {
                 sqlx::query(AssertSqlSafe(self.first_in_range.clone()))
@@ -202,9 +242,10 @@ impl SourceQuery {
         .map_err(db("reading a chunk of the source"))?;
         rows.iter()
             .map(|row| {
-                Ok(SourceRow {
+                Ok(ReadRow {
                     id: row.try_get("id")?,
-                    version: row.try_get("version")?,
+                    counted: row.try_get("counted")?,
+                    declared: row.try_get("declared")?,
                     deleted: row.try_get("deleted")?,
                     data: row.try_get("data")?,
                 })
@@ -212,6 +253,33 @@ impl SourceQuery {
             .collect::<std::result::Result<_, sqlx::Error>>()
             .map_err(db("decoding a source row"))
     }
+}
+
+/// What is wrong when a sample's declared version column differs from resync's counter: the
+/// entities named, with both versions, and what to do.
+fn version_disagreement(source: &SourceSpec, sample: &[ReadRow]) -> Option<String> {
+    let column = source.version_column.as_deref()?;
+    let differing: Vec<&ReadRow> = sample.iter().filter(|row| row.disagrees()).collect();
+    if differing.is_empty() {
+        return None;
+    }
+    let listed = differing
+        .iter()
+        .take(5)
+        .map(|r| {
+            let (declared, counted) = (r.declared.unwrap_or_default(), r.counted.unwrap_or_default());
+            format!("{} {}: column {declared}, resync.emit {counted}", source.entity, r.id)
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Some(format!(
+        "version column `{column}` disagrees with the versions resync.emit assigned in {} of the first {} rows \
+         ({listed}{}); remove `version_column` from the source to send resync's own versions, or keep the \
+         column equal to the version resync.emit returns",
+        differing.len(),
+        sample.len(),
+        if differing.len() > 5 { "; ..." } else { "" }
+    ))
 }
 
 fn names(columns: &[(String, String)]) -> String {

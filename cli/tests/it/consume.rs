@@ -46,7 +46,7 @@ impl World {
         let listings = format!(
             "name = \"listings\"\npublishes = [\"listing.created\", \"listing.updated\", \"listing.deleted\"]\n\
              [[sources]]\nentity = \"listing\"\ntable = \"{}.listings\"\ndata_column = \"data\"\n\
-             deleted_column = \"deleted\"\n",
+             deleted_column = \"deleted\"\nversion_column = \"version\"\n",
             schema.name()
         );
         std::fs::write(config_dir.join("listings.toml"), listings).expect("write config");

@@ -66,7 +66,8 @@ impl Setup {
         std::fs::create_dir_all(&config_dir).expect("config dir");
         let listings = format!(
             "name = \"listings\"\npublishes = [\"listing.updated\", \"listing.deleted\"]\n[[sources]]\n\
-             entity = \"listing\"\ntable = \"{}.listings\"\ndata_column = \"data\"\ndeleted_column = \"deleted\"\n",
+             entity = \"listing\"\ntable = \"{}.listings\"\ndata_column = \"data\"\ndeleted_column = \"deleted\"\n\
+             version_column = \"version\"\n",
             schema.name()
         );
         std::fs::write(config_dir.join("listings.toml"), listings).expect("config");
@@ -514,5 +515,32 @@ async fn a_job_whose_run_fails_is_failed_with_its_error_and_resumes() {
     let again = setup.resync().args(["job", "resume", &job]).output().expect("resume");
     let said = String::from_utf8_lossy(&again.stdout);
     assert!(again.status.success() && said.contains("is cancelled: nothing to resume"), "{said}");
+    setup.cleanup().await;
+}
+
+/// A source that names its own version column must hold the versions `resync.emit` assigned:
+/// a job whose sample disagrees refuses to start, naming the entities and both versions (it
+/// once sent the column's versions, and live events after them were dropped as stale).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_column_that_disagrees_with_resync_emit_is_refused_naming_the_entities() {
+    let setup = Setup::new(30).await;
+    // Column versions are 1 + i % 7: L00000 holds 1 (as emit's first), L00003 and L00010 hold 4.
+    for id in ["L00000", "L00003", "L00010"] {
+        let emit =
+            setup.schema.sql("SELECT version FROM {schema}.emit('listing', $1, 'listing.updated', '{}')");
+        sqlx::query(emit).bind(id).execute(&setup.pool).await.expect("resync.emit");
+    }
+    let started = setup.resync().args(["job", "start", "--entity", "listing"]).output().expect("job start");
+    let stderr = String::from_utf8_lossy(&started.stderr);
+    assert!(!started.status.success(), "a disagreeing version column was accepted");
+    for named in ["version column `version` disagrees", "listing L00003: column 4, resync.emit 1", "L00010"] {
+        assert!(stderr.contains(named), "`{named}` not in: {stderr}");
+    }
+    assert!(!stderr.contains("L00000"), "an agreeing row is not named: {stderr}");
+    let jobs: i64 = sqlx::query_scalar(setup.schema.sql("SELECT count(*) FROM {schema}.jobs"))
+        .fetch_one(&setup.pool)
+        .await
+        .expect("jobs");
+    assert_eq!(jobs, 0, "a refused job leaves no job behind");
     setup.cleanup().await;
 }
