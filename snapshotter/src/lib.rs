@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-pub use query::SourceQuery;
+pub use query::{SourceQuery, VersionSource};
 
 /// Errors of a job.
 #[derive(Debug, thiserror::Error)]
@@ -450,7 +450,7 @@ impl RangeRun<'_> {
                 .await?;
             let last = rows.last().map(|r| r.id.clone());
             let done = (rows.len() as i64) < size;
-            let rows = versioned(self.pool, self.schema, &self.spec.entity_type, rows).await?;
+            let rows = versioned(self.pool, self.schema, self.spec, rows).await?;
             if !rows.is_empty() {
                 pacer.lock().await.wait(rows.len()).await;
                 let sent: Vec<(String, i64)> = rows.iter().map(|r| (r.id.clone(), r.version)).collect();
@@ -474,7 +474,8 @@ impl RangeRun<'_> {
 
 /// Gives each row the version its event is sent with: resync's counter (the version
 /// `resync.emit` last assigned, read in the job's snapshot with the row), so a resync event and
-/// the live events around it are ordered by the same counter.
+/// the live events around it are ordered by the same counter; or, for a service that publishes
+/// its own events ([`VersionSource::Column`]), the table's version column.
 ///
 /// An entity resync never counted (rows written without `resync.emit`, e.g. loaded before resync
 /// was adopted) gets its first version now: the table's version column if it names one, else 1,
@@ -484,13 +485,24 @@ impl RangeRun<'_> {
 async fn versioned(
     pool: &PgPool,
     schema: &Schema,
-    entity_type: &str,
+    spec: &JobSpec,
     rows: Vec<query::ReadRow>,
 ) -> Result<Vec<SourceRow>> {
+    let entity_type = &spec.entity_type;
+    let first_version = |row: &query::ReadRow| row.declared.unwrap_or(1).max(1);
+    if spec.query.versions == VersionSource::Column {
+        let rows = rows.into_iter().map(|row| SourceRow {
+            version: first_version(&row),
+            id: row.id,
+            deleted: row.deleted,
+            data: row.data,
+        });
+        return Ok(rows.collect());
+    }
     let (uncounted, seeds): (Vec<&str>, Vec<i64>) = rows
         .iter()
         .filter(|row| row.counted.is_none())
-        .map(|row| (row.id.as_str(), row.declared.unwrap_or(1).max(1)))
+        .map(|row| (row.id.as_str(), first_version(row)))
         .unzip();
     let seeded: std::collections::HashMap<String, i64> = if uncounted.is_empty() {
         Default::default()
@@ -824,7 +836,7 @@ impl SourceRow {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Drift {
     pub entity_id: String,
-    /// `None`: resync never counted a version for the entity and the source names no column.
+    /// `None`: resync has no version for the entity yet (never emitted, never sent by a job).
     pub source_version: Option<i64>,
     /// `None`: the sink never applied the entity.
     pub applied_version: Option<i64>,
@@ -871,7 +883,10 @@ pub async fn verify(pool: &PgPool, schema: &Schema, id: Uuid, sink: &str) -> Res
             .collect();
         for row in &rows {
             let applied_version = applied.get(&row.id).copied();
-            let source_version = row.counted.or(row.declared);
+            let source_version = match spec.query.versions {
+                VersionSource::Counter => row.counted,
+                VersionSource::Column => row.declared,
+            };
             if source_version.is_none() || applied_version != source_version {
                 report.drift_count += 1;
                 if report.drift.len() < MAX_DRIFT_LISTED {

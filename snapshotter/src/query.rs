@@ -36,6 +36,18 @@ impl ReadRow {
 /// Rows the start-up check compares a declared version column on.
 const VERSION_SAMPLE: i64 = 1000;
 
+/// Where a job's versions come from, decided when it is created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionSource {
+    /// resync's counter (what `resync.emit` assigned); a declared column is only checked.
+    #[default]
+    Counter,
+    /// The table's `version_column`, as is: the source declares one and `resync.emit` was
+    /// never called for the entity type (the service publishes its own events).
+    Column,
+}
+
 /// The statements a job runs against its source.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceQuery {
@@ -48,6 +60,8 @@ pub struct SourceQuery {
     pub count: String,
     /// Every `$1`-th id in id order (as text), at most `$2` of them: where ranges split.
     pub split_points: String,
+    #[serde(default)]
+    pub versions: VersionSource,
 }
 
 /// An SQL string literal (standard_conforming_strings: only `'` needs doubling).
@@ -150,7 +164,9 @@ impl SourceQuery {
              {data} AS data FROM {table} AS src"
         );
         let upto = |n: u8| format!("(${n}::text IS NULL OR {key} <= CAST(${n} AS {id_type}))");
+        let versions = version_source(pool, schema, source).await?;
         let query = Self {
+            versions,
             first_in_range: format!("{select} WHERE {filter} AND {} ORDER BY {key} LIMIT $1", upto(2)),
             after_in_range: format!(
                 "{select} WHERE {filter} AND {key} > CAST($1 AS {id_type}) AND {} ORDER BY {key} LIMIT $2",
@@ -179,7 +195,9 @@ impl SourceQuery {
         if let Some(row) = sample.first() {
             self.chunk(&mut conn, Some(&row.id), Some(&row.id), 1).await?;
         }
-        if let Some(problem) = version_disagreement(source, &sample) {
+        if self.versions == VersionSource::Counter
+            && let Some(problem) = version_disagreement(source, &sample)
+        {
             return Err(JobError::Source { table: table.to_string(), problem });
         }
         // Planned, not run: both read the whole table.
@@ -253,6 +271,21 @@ impl SourceQuery {
             .collect::<std::result::Result<_, sqlx::Error>>()
             .map_err(db("decoding a source row"))
     }
+}
+
+/// A declared version column is the version source only where `resync.emit` has no say: no
+/// entity of the type was ever emitted. Anywhere else resync's counter is.
+async fn version_source(pool: &PgPool, schema: &Schema, source: &SourceSpec) -> Result<VersionSource> {
+    if source.version_column.is_none() {
+        return Ok(VersionSource::Counter);
+    }
+    let sql = schema.sql("SELECT EXISTS (SELECT 1 FROM {schema}.entity_versions WHERE entity_type = $1)");
+    let emitted: bool = sqlx::query_scalar(sql)
+        .bind(&source.entity)
+        .fetch_one(pool)
+        .await
+        .map_err(db("looking for versions resync.emit assigned"))?;
+    Ok(if emitted { VersionSource::Counter } else { VersionSource::Column })
 }
 
 /// What is wrong when a sample's declared version column differs from resync's counter: the
