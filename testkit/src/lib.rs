@@ -9,8 +9,11 @@
 
 use std::fmt::Display;
 
+mod own_redis;
 pub mod pgbouncer;
 pub mod proxy;
+
+pub use own_redis::{OwnRedis, free_port};
 
 /// A local service a test may need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,12 +13,13 @@ use std::time::Duration;
 
 use fare_config::Topology;
 use rand::{Rng, SeedableRng};
-use resync_apisim::{Config as ApiConfig, LogEntry};
+use resync_apisim::Config as ApiConfig;
 use resync_bus::{Transport, TransportConfig};
 use resync_demo::scenario::{Expected, compare};
 use resync_migrations::Schema;
 use resync_testkit::{Service, service_unreachable, unique_name};
 
+use crate::consume::stale_writes;
 use crate::relay::{Process, free_port};
 
 /// Rows loaded before resync was adopted: no `resync.emit`, so resync has no version for them.
@@ -194,24 +195,6 @@ impl Chain {
         let _ = std::fs::remove_dir_all(&self.config_dir);
         let _ = self.api.shutdown().await;
     }
-}
-
-/// Writes that reached the simulator after a newer version of the same entity had: computed
-/// from the write log in apply order.
-fn stale_writes(log: &[LogEntry]) -> Vec<String> {
-    let mut newest: BTreeMap<&str, i64> = BTreeMap::new();
-    let mut stale = Vec::new();
-    let mut ordered: Vec<&LogEntry> = log.iter().collect();
-    ordered.sort_by_key(|w| w.seq);
-    for write in ordered {
-        let version = write.version.expect("every write carries its version");
-        let seen = newest.entry(write.entity_id.as_str()).or_insert(version);
-        if version < *seen {
-            stale.push(format!("item {} v{version} after v{seen} (write #{})", write.entity_id, write.seq));
-        }
-        *seen = (*seen).max(version);
-    }
-    stale
 }
 
 /// Rows loaded without `resync.emit` next to a column the application keeps for itself: a
