@@ -24,8 +24,9 @@ pub(crate) enum JobCommand {
     Pause { id: Uuid },
     /// Stop a job for good.
     Cancel { id: Uuid },
-    /// A job's progress: published / total, rate, ETA. On a terminal, with `--watch`, a live
-    /// progress bar until the job stops.
+    /// A job's progress: published / total, applied, rate, ETA. On a terminal, with `--watch`,
+    /// one line redrawn in place every second (fits 80 columns) while the job is running or
+    /// waiting for its sinks, then the final status.
     Status {
         id: Uuid,
         #[arg(long)]
@@ -190,13 +191,17 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
                 println!("{}", serde_json::to_string_pretty(&job)?);
                 break;
             }
-            let live = watch && std::io::stdout().is_terminal() && job.status == "running";
-            if live {
-                print!("\r{}   ", line(&job));
+            let unfinished = ["running", "published"].contains(&job.status.as_str());
+            if watch && unfinished && std::io::stdout().is_terminal() {
+                // Carriage return and erase-to-end-of-line: the line is redrawn in place.
+                print!("\r{}\x1b[K", watch_line(&job));
                 use std::io::Write;
                 std::io::stdout().flush()?;
                 tokio::time::sleep(Duration::from_secs(1)).await;
             } else {
+                if watch && std::io::stdout().is_terminal() {
+                    println!();
+                }
                 println!("{}", line(&job));
                 break;
             }
@@ -240,8 +245,9 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
             if json {
                 println!("{}", serde_json::to_string_pretty(&jobs)?);
             } else {
+                println!("{}", list_header());
                 for job in jobs {
-                    println!("{}", line(&job));
+                    println!("{}", list_row(&job));
                 }
             }
         }
@@ -305,6 +311,50 @@ fn line(job: &Job) -> String {
         .filter(|_| job.status == "failed")
         .map(|e| format!("\n    error: {e}"))
         .unwrap_or_default()
+}
+
+/// `--watch`'s line, at most 79 characters: status, a bar, published / total, applied, rate
+/// and ETA (the id and entity are on the command line already).
+fn watch_line(job: &Job) -> String {
+    let total = job.total.unwrap_or(0).max(job.emitted);
+    let share = if total > 0 { job.emitted as f64 / total as f64 } else { 0.0 };
+    let filled = ((share * 16.0).round() as usize).min(16);
+    let eta =
+        job.eta().map(|d| format!(" ETA {}", humantime::format_duration(Duration::from_secs(d.as_secs()))));
+    let mut line = format!(
+        "{:<9} [{}{}] {}/{} sent {} applied {:.0}/s{}",
+        job.status,
+        "#".repeat(filled),
+        ".".repeat(16 - filled),
+        job.emitted,
+        job.total.map_or("?".to_string(), |t| t.to_string()),
+        job.applied,
+        job.rate(),
+        eta.unwrap_or_default()
+    );
+    line.truncate(79);
+    line
+}
+
+fn list_header() -> String {
+    format!(
+        "{:<36} {:<12} {:<9} {:>21} {:>9} {:>8}  CREATED",
+        "ID", "ENTITY", "STATUS", "PUBLISHED", "APPLIED", "ROWS/S"
+    )
+}
+
+/// One job under [`list_header`].
+fn list_row(job: &Job) -> String {
+    let published = format!("{}/{}", job.emitted, job.total.map_or("?".to_string(), |t| t.to_string()));
+    format!(
+        "{:<36} {:<12} {:<9} {published:>21} {:>9} {:>8.0}  {}",
+        job.id,
+        job.entity_type,
+        job.status,
+        job.applied,
+        job.rate(),
+        job.created_at.format("%Y-%m-%d %H:%M:%S")
+    )
 }
 
 /// The services named with `--target-service`, each checked to exist and to subscribe to the
@@ -372,4 +422,43 @@ fn sinks_of(config_dir: &std::path::Path, entity_type: &str) -> Result<Vec<Strin
 /// The services with a sink subscribing to some type of `entity_type` on the resync stream.
 fn sinks_in<'a>(catalog: &'a fare_config::Catalog, entity_type: &str) -> Vec<&'a fare_config::ServiceConfig> {
     subscribers_in(catalog, entity_type).into_iter().filter(|s| s.sink.is_some()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(emitted: i64, total: i64, status: &str) -> Job {
+        let created_at = chrono::Utc::now() - chrono::TimeDelta::seconds(100);
+        Job {
+            id: Uuid::now_v7(),
+            entity_type: "listing".into(),
+            status: status.into(),
+            emitted,
+            total: Some(total),
+            applied: emitted / 2,
+            error: None,
+            created_at,
+            updated_at: chrono::Utc::now(),
+            finished_at: None,
+        }
+    }
+
+    #[test]
+    fn the_watch_line_fits_80_columns_even_at_millions_of_rows() {
+        for (emitted, total) in [(0, 0), (3, 10), (123_456_789, 987_654_321), (10_000_000, 10_000_000)] {
+            let line = watch_line(&job(emitted, total, "running"));
+            assert!(line.chars().count() < 80, "{} columns: {line}", line.chars().count());
+            assert!(line.contains(&format!("{emitted}/{total} sent")), "{line}");
+        }
+    }
+
+    #[test]
+    fn job_list_rows_line_up_under_the_header() {
+        let header = list_header();
+        let row = list_row(&job(1500, 3000, "published"));
+        assert!(header.starts_with("ID ") && header.contains("STATUS"), "{header}");
+        assert_eq!(header.find("ENTITY"), row.find("listing"), "\n{header}\n{row}");
+        assert_eq!(header.find("STATUS"), row.find("published"), "\n{header}\n{row}");
+    }
 }

@@ -24,6 +24,19 @@ pub const MAX_SCHEMA_LEN: usize = 48;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Schema(String);
 
+/// `host:port/database` of a Postgres URL, for error messages (never the password).
+pub fn server(database_url: &str) -> String {
+    match database_url.parse::<sqlx::postgres::PgConnectOptions>() {
+        Ok(options) => format!(
+            "{}:{}/{}",
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or("(default database)")
+        ),
+        Err(_) => "(an unreadable RESYNC_DATABASE_URL)".into(),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     #[error(
@@ -31,8 +44,8 @@ pub enum MigrationError {
          or `_`, at most {MAX_SCHEMA_LEN} characters"
     )]
     InvalidSchema(String),
-    #[error("cannot connect to Postgres (RESYNC_DATABASE_URL) for schema `{schema}`: {source}")]
-    Connect { schema: String, source: sqlx::Error },
+    #[error("cannot connect to Postgres at {server} (RESYNC_DATABASE_URL) for schema `{schema}`: {source}")]
+    Connect { server: String, schema: String, source: sqlx::Error },
     #[error("preparing schema `{schema}` failed: {source}")]
     Prepare { schema: String, source: sqlx::Error },
     #[error("migrating schema `{schema}` failed: {source}")]
@@ -94,9 +107,11 @@ impl fmt::Display for Schema {
 /// safe to run concurrently (sqlx serialises migrations with an advisory lock).
 pub async fn migrate(database_url: &str, schema: &Schema) -> Result<(), MigrationError> {
     let name = schema.name().to_string();
-    let mut conn = PgConnection::connect(database_url)
-        .await
-        .map_err(|source| MigrationError::Connect { schema: name.clone(), source })?;
+    let mut conn = PgConnection::connect(database_url).await.map_err(|source| MigrationError::Connect {
+        server: server(database_url),
+        schema: name.clone(),
+        source,
+    })?;
     let prepare = schema.sql("CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}");
     sqlx::raw_sql(prepare)
         .execute(&mut conn)
@@ -116,9 +131,11 @@ pub async fn migrate(database_url: &str, schema: &Schema) -> Result<(), Migratio
 pub async fn ensure_migrated(database_url: &str, schema: &Schema) -> Result<(), MigrationError> {
     let name = schema.name().to_string();
     let check = |source| MigrationError::Check { schema: name.clone(), source };
-    let mut conn = PgConnection::connect(database_url)
-        .await
-        .map_err(|source| MigrationError::Connect { schema: name.clone(), source })?;
+    let mut conn = PgConnection::connect(database_url).await.map_err(|source| MigrationError::Connect {
+        server: server(database_url),
+        schema: name.clone(),
+        source,
+    })?;
     let table: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
         .bind(format!("{}._sqlx_migrations", schema.ident()))
         .fetch_one(&mut conn)

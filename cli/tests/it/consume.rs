@@ -561,7 +561,9 @@ async fn pause_and_resume_refuse_an_unknown_service() {
 /// exits cleanly; a consumer started afterwards applies the rest, and nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_serves_health_and_metrics_and_drains_on_sigterm() {
-    let api = ApiConfig { latency: Some(Latency::Fixed { fixed_ms: 100.0 }), ..ApiConfig::default() };
+    // One second per call, 16 at a time: 600 events are over 30 s of work, so SIGTERM lands
+    // with most of it still queued however slow the checks before it are.
+    let api = ApiConfig { latency: Some(Latency::Fixed { fixed_ms: 1000.0 }), ..ApiConfig::default() };
     let mut world = World::new("rabbitmq", api).await;
     let (events, truth) = shuffled_history(600, 1, 0.0, 9);
     world.publish(&events, truth).await;
@@ -612,9 +614,19 @@ async fn a_consumer_serves_health_and_metrics_and_drains_on_sigterm() {
     let applied_at_exit = world.applied_writes().await;
     assert!(applied_at_exit < 600, "SIGTERM came before the end of the work ({applied_at_exit} applied)");
 
-    let _next = world.consumer("15s");
+    let fast = resync_apisim::FaultsPatch { latency: Some(None), ..Default::default() };
+    world.client.set_faults(&fast).await.expect("drop the latency");
+    let listen = free_port();
+    let _next = world.consumer_listening("15s", listen);
     world.wait_until_equal(Duration::from_secs(120)).await;
     assert_no_stale_overwrite(&world).await;
+    // Idle, the lag reads 0 rather than the last event's (a stuck consumer must stand out).
+    eventually("the live lag back at 0 when idle", || async {
+        get(listen, "/metrics")
+            .await
+            .is_some_and(|(_, m)| m.lines().any(|l| l == "resync_consumer_lag_seconds{stream=\"live\"} 0"))
+    })
+    .await;
     world.cleanup().await;
 }
 

@@ -239,11 +239,26 @@ async fn relay_and_consume_refuse_an_unmigrated_schema_or_an_unreachable_databas
             "{args:?}: {stderr}"
         );
 
-        let dead = format!("postgres://postgres@127.0.0.1:{}/test", free_port().port());
+        let port = free_port().port();
+        let dead = format!("postgres://postgres@127.0.0.1:{port}/test");
         let out = resync(&schema, &namespace, args).env("RESYNC_DATABASE_URL", dead).output().expect("run");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} started without a database");
-        assert!(stderr.contains("cannot connect to Postgres"), "{args:?}: {stderr}");
+        let named = format!("cannot connect to Postgres at 127.0.0.1:{port}/test");
+        assert!(stderr.contains(&named), "{args:?}: {stderr}");
+
+        // Refused credentials end the process at once too, naming the server and the cause.
+        let stranger = "postgres://nobody:secret@127.0.0.1:5432/test";
+        let out =
+            resync(&schema, &namespace, args).env("RESYNC_DATABASE_URL", stranger).output().expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started with refused credentials");
+        assert!(
+            stderr.contains("at 127.0.0.1:5432/test")
+                && stderr.contains("\"nobody\"")
+                && !stderr.contains("secret"),
+            "{args:?}: {stderr}"
+        );
     }
     let _ = std::fs::remove_dir_all(&config_dir);
 }
