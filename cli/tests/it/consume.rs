@@ -166,7 +166,10 @@ impl World {
         let queue = resync_bus::naming::queue_name(Some(&self.namespace), "sync", Stream::Live);
         loop {
             let state = self.client.state().await.expect("apisim state");
-            let mismatches = compare("listing", &self.truth, &state);
+            // The table read back from Postgres, not the test's own copy of what it wrote.
+            let table = self.source.read_all(&self.pool).await.expect("read the source table");
+            assert_eq!(table, self.truth, "the source table holds what the test wrote");
+            let mismatches = compare("listing", &table, &state);
             let depth = self.transport.queue_depth(&queue).await.expect("queue depth");
             if mismatches.is_empty() && depth.ready == 0 && depth.in_flight == 0 {
                 return;
@@ -231,28 +234,13 @@ fn faulty_api(seed: u64) -> ApiConfig {
     }
 }
 
+/// No write of an older version reached the simulator after a newer one, computed here from
+/// its write log (not taken from its own check).
 async fn assert_no_stale_overwrite(world: &World) {
-    let check = world.client.check().await.expect("apisim check");
-    if check.stale_overwrites.is_empty() {
-        return;
-    }
-    // The writes of the entities concerned, to tell a retry from a lost lock.
-    let log = world.client.log_all().await.expect("apisim log");
-    let history: Vec<String> = check
-        .stale_overwrites
-        .iter()
-        .flat_map(|stale| log.iter().filter(move |w| w.entity_id == stale.entity_id))
-        .map(|w| {
-            format!(
-                "#{} {} v{:?} {:?} event {:?} at {}",
-                w.seq, w.entity_id, w.version, w.op, w.event_id, w.at
-            )
-        })
-        .collect();
-    panic!(
-        "stale overwrites: {:?}\nwrites:\n{}\n{}",
-        check.stale_overwrites,
-        history.join("\n"),
+    let stale = stale_writes(&world.client.log_all().await.expect("apisim log"));
+    assert!(
+        stale.is_empty(),
+        "older versions written over newer ones: {stale:#?}\n{}",
         world.consumer_logs()
     );
 }
@@ -787,6 +775,30 @@ fn job_rows(default: usize) -> usize {
     std::env::var("RESYNC_JOB_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+async fn job_status(world: &World) -> Option<String> {
+    let sql = world.schema.sql("SELECT status FROM {schema}.jobs");
+    sqlx::query_scalar(sql).fetch_optional(&world.pool).await.expect("job status")
+}
+
+/// The moment a job says `completed`, the sink holds every row at the version the job sent
+/// or a newer one: a job marked completed too early fails here, before the backlog catches up.
+async fn assert_sink_has_at_least(world: &World, sent: &BTreeMap<String, Expected>) {
+    let state = world.client.state().await.expect("apisim state");
+    let behind: Vec<String> = sent
+        .iter()
+        .filter(|(id, row)| {
+            state.get(&format!("listing/{id}")).and_then(|s| s.version).is_none_or(|v| v < row.version)
+        })
+        .map(|(id, row)| format!("{id} (job sent v{})", row.version))
+        .collect();
+    assert!(
+        behind.is_empty(),
+        "completed while the sink lacked {} rows: {:?}",
+        behind.len(),
+        &behind[..behind.len().min(10)]
+    );
+}
+
 /// The job's progress: (emitted, total).
 async fn job_progress(world: &World) -> Option<(uuid::Uuid, i64, i64)> {
     let sql = world.schema.sql("SELECT id, emitted, total FROM {schema}.jobs WHERE total IS NOT NULL");
@@ -817,8 +829,11 @@ async fn a_resync_job_completes_once_its_sink_applied_every_row(
     let mode = if args.contains(&"pause-live") { "pause-live" } else { "concurrent" };
     let rate = (rows / 20).max(1000).to_string();
     let args = [&["job", "start", "--entity", "listing", "--rate", &rate], args].concat();
+    // Every row as the job's snapshot will read it (live updates start after this).
+    let at_start = world.truth.clone();
     let mut job = Process(world.resync().args(args).stdout(Stdio::null()).spawn().expect("job start"));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180 + rows as u64 / 200);
+    let mut checked_at_completion = false;
     let paused = world.schema.sql("SELECT count(*) FROM {schema}.paused_streams WHERE service = 'sync'");
     let (mut round, mut killed, mut seen_paused) = (0, false, false);
     let mut next_round = tokio::time::Instant::now();
@@ -844,8 +859,16 @@ async fn a_resync_job_completes_once_its_sink_applied_every_row(
         }
         let count: i64 = sqlx::query_scalar(paused.clone()).fetch_one(&world.pool).await.expect("paused");
         seen_paused |= count > 0;
+        if !checked_at_completion && job_status(&world).await.as_deref() == Some("completed") {
+            checked_at_completion = true;
+            assert_sink_has_at_least(&world, &at_start).await;
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    if !checked_at_completion {
+        // The job process exits milliseconds after marking the job completed: check now.
+        assert_sink_has_at_least(&world, &at_start).await;
+    }
     assert!(status.success(), "resync job failed");
     assert_eq!(killed, kill_at_30, "the job was killed at 30% only when asked to");
     assert_eq!(seen_paused, mode == "pause-live", "live is paused during the job only in pause-live mode");
