@@ -131,3 +131,21 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// Checks a committed generated file (a JSON Schema in `docs/`) against what the code generates
+/// now. With `RESYNC_UPDATE_SCHEMAS` set, an outdated file is rewritten and the test still
+/// fails, saying so: a run that rewrote the file checked nothing (`scripts/test`, hence CI,
+/// refuses to run with the variable set).
+pub fn assert_generated_file_current(path: &str, generated: &str, regenerate: &str) {
+    let committed = std::fs::read_to_string(path).unwrap_or_default();
+    if committed == generated {
+        return;
+    }
+    if std::env::var_os("RESYNC_UPDATE_SCHEMAS").is_some() {
+        std::fs::write(path, generated).unwrap_or_else(|e| panic!("cannot write {path}: {e}"));
+        panic!(
+            "rewrote {path} (RESYNC_UPDATE_SCHEMAS is set): review and commit it, then run the tests without it"
+        );
+    }
+    panic!("{path} is out of date; regenerate it with `{regenerate}` and commit it");
+}

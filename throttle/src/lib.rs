@@ -57,4 +57,4 @@ mod scripts;
 pub use concurrency::{AdaptiveConcurrency, ConcurrencyConfig, ConcurrencyPermit, Outcome};
 pub use config::RateLimiterConfig;
 pub use error::ThrottleError;
-pub use rate::{SharedRateLimiter, ThrottledOutcome};
+pub use rate::{Admission, SharedRateLimiter, ThrottledOutcome};

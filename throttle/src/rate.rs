@@ -18,6 +18,16 @@ use resync_locks::redis_conn;
 /// not park every consumer for days because of one odd header.
 const MAX_HOLD: Duration = Duration::from_secs(24 * 3600);
 
+/// A reserved send slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// How long the caller waited for it.
+    pub waited: Duration,
+    /// When the slot is, in µs since the epoch on the Redis server's clock (the one clock
+    /// every process shares): the shared bound holds exactly over these instants.
+    pub slot_micros: u64,
+}
+
 /// Paces calls to one sink so that all processes together stay within its (adaptive) rate.
 /// Cheap to clone; clones share one multiplexed connection that reconnects by itself.
 ///
@@ -90,13 +100,18 @@ impl SharedRateLimiter {
     /// back reserves nothing, sleeps until its slot would be within reach (plus jitter), and
     /// asks again. Waiters are not served in order. Dropping the future after a reservation
     /// wastes that slot, which errs on the side of sending less.
-    #[instrument(level = "debug", skip(self), fields(sink = %self.inner.config.sink), err(level = "debug"))]
     pub async fn acquire(&self) -> Result<Duration, ThrottleError> {
+        Ok(self.admit().await?.waited)
+    }
+
+    /// [`acquire`](Self::acquire), also telling which slot was reserved.
+    #[instrument(level = "debug", skip(self), fields(sink = %self.inner.config.sink), err(level = "debug"))]
+    pub async fn admit(&self) -> Result<Admission, ThrottleError> {
         let started = Instant::now();
         let max_wait = self.inner.config.max_wait;
         let mut jitter: Option<Jitter> = None;
         loop {
-            let reply: (u8, u64, f64) =
+            let reply: (u8, u64, f64, u64) =
                 self.run("acquire", &self.inner.scripts.acquire, micros(max_wait)).await?;
             let (reserved, wait, rate) = (reply.0 == 1, Duration::from_micros(reply.1), reply.2);
             self.publish_rate(rate);
@@ -107,7 +122,7 @@ impl SharedRateLimiter {
                 let waited = started.elapsed();
                 metrics::histogram!("resync_sink_rate_wait_seconds", "sink" => self.sink())
                     .record(waited.as_secs_f64());
-                return Ok(waited);
+                return Ok(Admission { waited, slot_micros: reply.3 });
             }
             let jitter = jitter.get_or_insert_with(|| Jitter::new(rate, max_wait));
             let retry_in = wait.saturating_sub(max_wait) + jitter.next_delay();

@@ -62,19 +62,20 @@ end
 /// it is reserved (`tat` moves one interval past it) and the wait until it returned;
 /// otherwise nothing changes and the wait is returned as a hint.
 ///
-/// ARGV[8]: max wait µs. Returns {1 if reserved else 0, wait µs (rounded up), rate}.
+/// ARGV[8]: max wait µs. Returns {1 if reserved else 0, wait µs (rounded up), rate, the slot
+/// in µs of the server clock (rounded up)}.
 const ACQUIRE: &str = r"
 local max_wait = tonumber(ARGV[8])
 local interval = 1000000 / rate
 local slot = math.max(now, tat - (burst - 1) * interval, hold_until)
 local wait = slot - now
 if wait > max_wait then
-  return {0, math.ceil(wait), fmt(rate)}
+  return {0, math.ceil(wait), fmt(rate), math.ceil(slot)}
 end
 tat = math.max(tat, slot) + interval
 redis.call('HSET', key, 'tat', fmt(tat))
 touch()
-return {1, math.ceil(wait), fmt(rate)}
+return {1, math.ceil(wait), fmt(rate), math.ceil(slot)}
 ";
 
 /// The third party pushed back. Cuts the rate unless another process already did within
