@@ -577,15 +577,16 @@ async fn a_consumer_serves_health_and_metrics_and_drains_on_sigterm() {
     ] {
         assert!(metrics.lines().any(|l| l == line), "no `{line}` in\n{metrics}");
     }
-    // The autoscaling signals (sampled every 200 ms here).
+    // The autoscaling signals (sampled every 200 ms here), with values that say something:
+    // most of the 600 events wait, some are being processed, at least one replica is wanted.
     let queue = resync_bus::naming::queue_name(Some(&world.namespace), "sync", Stream::Live);
     let backlog = format!("resync_consumer_backlog{{queue=\"{queue}\"}}");
-    eventually("autoscaling signals on /metrics", || async {
-        get(listen, "/metrics").await.is_some_and(|(_, m)| {
-            m.contains(&backlog)
-                && m.contains("resync_consumer_processing_rate")
-                && m.contains("resync_consumer_recommended_replicas")
-        })
+    eventually("autoscaling signals with values on /metrics", || async {
+        let Some((_, m)) = get(listen, "/metrics").await else { return false };
+        let waiting = gauge(&m, &backlog).is_some_and(|v| v > 0.0 && v <= 600.0);
+        let rate = gauge(&m, "resync_consumer_processing_rate").is_some_and(|v| v > 0.0);
+        let replicas = gauge(&m, "resync_consumer_recommended_replicas").is_some_and(|v| v >= 1.0);
+        waiting && rate && replicas
     })
     .await;
 
@@ -616,6 +617,11 @@ async fn a_consumer_serves_health_and_metrics_and_drains_on_sigterm() {
     })
     .await;
     world.cleanup().await;
+}
+
+/// The value of a gauge on a Prometheus text page (`name` with its labels, if any).
+fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// The DLQ depth of the sync service's live queue once every write the sink refused (each is
