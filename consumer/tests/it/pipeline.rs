@@ -134,6 +134,61 @@ async fn transient_failures_are_retried_until_applied() {
     .await;
 }
 
+/// A sink that keeps failing past every retry budget: each delivery spends its attempts, goes
+/// back to the queue with a delay, and after the queue's receive count the consumer
+/// dead-letters it as `max-receives-exceeded` with the last error, records the entity for
+/// `--only-rejected`, and the other entities flow meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_exhausts_its_retries_is_requeued_then_dead_lettered_as_max_receives_exceeded() {
+    let world = World::new(rabbitmq().await).await;
+    with_world(world, |w| async move {
+        // Only the first entity's calls fail: `transient_first` counts every call, so keep the
+        // others out of the way by publishing the failing one alone first.
+        w.sink.faults.transient_first.store(u32::MAX, Ordering::SeqCst);
+        w.publish(&[resync_bus::Envelope::new("listing.updated", "down", 1, serde_json::json!({}))]).await;
+        let consumer = w.consumer(rabbitmq().await, Duration::from_secs(5)).await;
+        let dlq = dead_letter_queue_name(&w.queue);
+        let transport = w.transport.clone();
+        run_until(vec![consumer], Duration::from_secs(120), || {
+            let (transport, dlq) = (transport.clone(), dlq.clone());
+            async move { transport.queue_depth(&dlq).await.map(|d| d.ready == 1).unwrap_or(false) }
+        })
+        .await;
+        // 3 receives (the queue's max) of 6 attempts each (the policy's default), no more.
+        assert_eq!(w.sink.calls.load(Ordering::SeqCst), 3 * 6, "every attempt of every receive, then none");
+        let mut dead = w.transport.subscribe(&dlq, Default::default()).await.expect("subscribe to DLQ");
+        let letter =
+            dead.next_batch(1, Duration::from_secs(5)).await.expect("dlq").pop().expect("a dead letter");
+        assert_eq!(letter.attributes[attr::DEAD_LETTER_REASON], "max-receives-exceeded");
+        assert!(
+            letter.attributes[attr::DEAD_LETTER_DETAIL].contains("injected 503"),
+            "{:?}",
+            letter.attributes
+        );
+        letter.ack().await.expect("ack");
+        let recorded: String = sqlx::query_scalar(
+            w.schema.sql("SELECT reason FROM {schema}.dead_lettered_entities WHERE entity_id = 'down'"),
+        )
+        .fetch_one(&w.pool)
+        .await
+        .expect("the entity is recorded for --only-rejected");
+        assert_eq!(recorded, "max-receives-exceeded");
+
+        // The sink is back: the rest flows.
+        w.sink.faults.transient_first.store(0, Ordering::SeqCst);
+        w.publish(&history(3, 1)).await;
+        let consumer = w.consumer(rabbitmq().await, Duration::from_secs(5)).await;
+        let sink = w.sink.clone();
+        run_until(vec![consumer], Duration::from_secs(60), || {
+            let sink = sink.clone();
+            async move { sink.state().len() == 3 }
+        })
+        .await;
+        assert!(!w.sink.state().contains_key("down"), "a dead letter is never applied on its own");
+    })
+    .await;
+}
+
 /// v1 and v2 of one entity: a slow consumer's call for v1 is held at the sink while its lock
 /// is lost (expired in a pause, or Redis failed over); a fast consumer applies v2; then v1's
 /// call ends, landing late or (with `fail_held`) timing out. Returns the slow consumer's
