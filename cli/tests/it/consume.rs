@@ -338,6 +338,52 @@ async fn consumer_processes_share_the_sinks_rate_limit() {
     world.cleanup().await;
 }
 
+/// A third party that answers 429 (with Retry-After) well below the configured shared rate:
+/// the consumers' shared limiter hears it, cuts the rate for all of them, and every event is
+/// still applied once, none dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_429s_cut_the_shared_rate_and_every_event_still_arrives() {
+    let api =
+        ApiConfig { rate_limit_per_sec: Some(40.0), rate_limit_burst: Some(5.0), ..ApiConfig::default() };
+    let mut world = World::new("rabbitmq", api).await;
+    let mut config =
+        std::fs::OpenOptions::new().append(true).open(world.config_dir.join("sync.toml")).expect("config");
+    // Ten times what the third party takes; adaptive (the default) so 429s cut it.
+    std::io::Write::write_all(&mut config, b"[sink.rate_limit]\nper_second = 400\n").expect("rate limit");
+    let (events, truth) = shuffled_history(300, 1, 0.0, 10);
+    world.publish(&events, truth).await;
+    let listens = [free_port(), free_port()];
+    let _consumers: Vec<Process> = listens.iter().map(|l| world.consumer_listening("15s", *l)).collect();
+    world.wait_until_equal(Duration::from_secs(180)).await;
+
+    let stats = world.client.stats().await.expect("apisim stats");
+    assert!(stats.status(429) > 0, "the third party never refused: the test proved nothing");
+    assert_eq!(stats.applied, 300, "every event applied once");
+    let (mut throttled, mut lowest_rate) = (0.0, f64::MAX);
+    for listen in listens {
+        let metrics = get(listen, "/metrics").await.expect("metrics").1;
+        throttled += sum_of(&metrics, "resync_sink_throttled_total").unwrap_or(0.0);
+        let rate = sum_of(&metrics, "resync_sink_rate_limit").expect("the shared rate on /metrics");
+        lowest_rate = lowest_rate.min(rate);
+    }
+    assert!(throttled > 0.0, "no consumer reported the 429s to the shared limiter");
+    assert!(lowest_rate < 400.0, "the shared rate was never cut (lowest seen {lowest_rate})");
+    let queue = resync_bus::naming::queue_name(Some(&world.namespace), "sync", Stream::Live);
+    let dlq = world.transport.queue_depth(&resync_bus::dead_letter_queue_name(&queue)).await.expect("dlq");
+    assert_eq!(dlq.ready, 0, "429s are waited out, never dead-lettered");
+    assert_no_stale_overwrite(&world).await;
+    world.cleanup().await;
+}
+
+/// The sum of every series of a metric on a Prometheus text page (`None`: no series).
+fn sum_of(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|line| line.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .reduce(|a, b| a + b)
+}
+
 /// Writes that reached the simulator after a newer version of the same entity had, from its
 /// write log in apply order (independent of the simulator's own check).
 pub(crate) fn stale_writes(log: &[resync_apisim::LogEntry]) -> Vec<String> {
