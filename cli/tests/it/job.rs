@@ -544,3 +544,50 @@ async fn a_version_column_that_disagrees_with_resync_emit_is_refused_naming_the_
     assert_eq!(jobs, 0, "a refused job leaves no job behind");
     setup.cleanup().await;
 }
+
+/// A source mapped with `data_columns`, a `filter` and no `deleted_column`: exactly the rows the
+/// filter keeps go out, each as `listing.updated` whose data is an object of the named columns
+/// (a row's own `deleted` column is then plain data, never a tombstone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_sends_data_columns_of_the_filtered_rows_and_no_tombstones_without_a_deleted_column() {
+    let setup = Setup::new(100).await;
+    let listings = format!(
+        "name = \"listings\"\npublishes = [\"listing.updated\", \"listing.deleted\"]\n[[sources]]\n\
+         entity = \"listing\"\ntable = \"{}.listings\"\ndata_columns = [\"data\", \"deleted\"]\n\
+         version_column = \"version\"\nfilter = \"version > 3\"\n",
+        setup.schema.name()
+    );
+    std::fs::write(setup.config_dir.join("listings.toml"), listings).expect("config");
+    let args = ["job", "start", "--entity", "listing", "--chunk-size", "9"];
+    let started = setup.resync().args(args).output().expect("job start");
+    assert!(started.status.success(), "{}", String::from_utf8_lossy(&started.stderr));
+
+    let kept: BTreeMap<&String, &Expected> = setup.rows.iter().filter(|(_, row)| row.version > 3).collect();
+    let queue = resync_bus::naming::queue_name(Some(&setup.namespace), "sync", Stream::Resync);
+    let mut subscription = setup.transport.subscribe(&queue, Default::default()).await.expect("subscribe");
+    let mut seen = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let batch = subscription.next_batch(100, Duration::from_millis(500)).await.expect("receive");
+        // `job start` returned once every event was confirmed: an empty queue is the end.
+        if batch.is_empty() && setup.transport.queue_depth(&queue).await.expect("depth").ready == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{} of {} rows arrived", seen.len(), kept.len());
+        for delivery in batch {
+            let event = delivery.envelope(&Default::default()).expect("a valid envelope");
+            let row = kept
+                .get(&event.entity_id)
+                .unwrap_or_else(|| panic!("{} is outside the filter", event.entity_id));
+            assert_eq!((event.event_type.as_str(), event.deleted), ("listing.updated", false));
+            assert_eq!(event.data, serde_json::json!({"data": row.data, "deleted": row.deleted}));
+            assert_eq!(event.version, row.version);
+            seen.insert(event.entity_id);
+            delivery.ack().await.expect("ack");
+        }
+    }
+    let _ = subscription.close().await;
+    assert_eq!(seen.len(), kept.len(), "every row the filter keeps, once");
+    assert!(kept.values().any(|row| row.deleted), "the sample holds a row marked deleted");
+    setup.cleanup().await;
+}
