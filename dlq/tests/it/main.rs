@@ -222,3 +222,54 @@ async fn a_redrive_sends_each_letter_back_once_even_when_the_consumer_refuses_it
 async fn queue_is_empty(transport: &Arc<dyn Transport>, queue: &str) -> bool {
     transport.queue_depth(queue).await.is_ok_and(|d| d.ready == 0 && d.in_flight == 0)
 }
+
+/// A dead letter as the consumer writes it, of `entity_type`, dead-lettered `age` ago.
+fn dead_letter(entity_type: &str, entity_id: &str, age: chrono::TimeDelta) -> OutgoingMessage {
+    let event = Envelope::new(&format!("{entity_type}.updated"), entity_id, 1, serde_json::json!({}));
+    let mut message = OutgoingMessage::from_envelope(&event);
+    let at = (chrono::Utc::now() - age).to_rfc3339();
+    for (name, value) in [
+        (attr::DEAD_LETTER_REASON, "sink-rejected-422"),
+        (attr::DEAD_LETTER_DETAIL, "refused"),
+        (attr::DEAD_LETTERED_AT, at.as_str()),
+    ] {
+        message.attributes.insert(name.into(), value.into());
+    }
+    message
+}
+
+/// Selection by entity type and purge by age: only what both select goes, the rest stays.
+#[tokio::test]
+async fn purge_by_age_and_redrive_by_entity_type_touch_only_what_they_select() {
+    let transport = connect("rabbitmq").await;
+    let spec = QueueSpec::new(unique_name("dlq"));
+    transport.declare_queue(&spec).await.expect("declare");
+    let (queue, dlq) = (spec.name.clone(), resync_bus::dead_letter_queue_name(&spec.name));
+    let two_days = chrono::TimeDelta::days(2);
+    let letters = vec![
+        dead_letter("listing", "old", two_days),
+        dead_letter("listing", "new", chrono::TimeDelta::zero()),
+        dead_letter("widget", "old", two_days),
+    ];
+    transport.publish_batch(&Destination::Queue(dlq.clone()), letters).await.expect("publish dead letters");
+
+    let listings = Selection { reason: None, entity_type: Some("listing".into()) };
+    let day = Duration::from_secs(24 * 3600);
+    let purged = resync_dlq::purge(transport.as_ref(), &queue, &listings, day).await.expect("purge");
+    assert_eq!((purged.deleted, purged.kept), (1, 2), "only the listing older than a day goes");
+
+    let widgets = Selection { reason: None, entity_type: Some("widget".into()) };
+    let redriven = resync_dlq::redrive(transport.as_ref(), &queue, &widgets, None).await.expect("redrive");
+    assert_eq!((redriven.moved, redriven.kept), (1, 1), "only the widget goes back");
+    let (subscription, back) = receive(&transport, &queue, 1).await;
+    for delivery in back {
+        let event = delivery.envelope(&Default::default()).expect("a valid envelope");
+        assert_eq!((event.entity_type.as_str(), event.entity_id.as_str()), ("widget", "old"));
+        delivery.ack().await.expect("ack");
+    }
+    subscription.close().await.expect("close");
+    let left = resync_dlq::inspect(transport.as_ref(), &queue).await.expect("inspect");
+    let left: Vec<_> = left.records.iter().map(|r| (r.entity_type.clone(), r.entity_id.clone())).collect();
+    assert_eq!(left, [(Some("listing".to_string()), Some("new".to_string()))]);
+    transport.delete_queue(&queue).await.expect("cleanup");
+}
