@@ -161,8 +161,10 @@ impl World {
     }
 
     /// Waits until the simulator equals the source table and the queue is drained.
-    async fn wait_until_equal(&self, limit: Duration) {
-        let deadline = tokio::time::Instant::now() + limit;
+    /// Fails when the two still differ and the simulator applied no write for `stall`: a lost
+    /// or stuck event stops progress, a slow machine or emulator only slows it.
+    async fn wait_until_equal(&self, stall: Duration) {
+        let mut last_progress = (tokio::time::Instant::now(), self.applied_writes().await);
         let queue = resync_bus::naming::queue_name(Some(&self.namespace), "sync", Stream::Live);
         loop {
             let state = self.client.state().await.expect("apisim state");
@@ -174,10 +176,13 @@ impl World {
             if mismatches.is_empty() && depth.ready == 0 && depth.in_flight == 0 {
                 return;
             }
-            if tokio::time::Instant::now() > deadline {
+            let applied = self.applied_writes().await;
+            if applied != last_progress.1 {
+                last_progress = (tokio::time::Instant::now(), applied);
+            } else if last_progress.0.elapsed() > stall {
                 let dlq = self.transport.queue_depth(&resync_bus::dead_letter_queue_name(&queue)).await;
                 panic!(
-                    "not converged within {limit:?}: {} entities differ (first: {:?}), queue {depth:?}, \
+                    "not converged, no write for {stall:?}: {} entities differ (first: {:?}), queue {depth:?}, \
                      dead-letter queue {dlq:?}\n{}",
                     mismatches.len(),
                     mismatches.first(),

@@ -20,7 +20,7 @@ async fn killed_leader_is_replaced_by_the_standby_and_nothing_is_lost() {
         leader.wait_for(RelayStatus::Leader).await;
         let standby = w.start_relay(&w.database_url, rabbitmq().await);
         standby.wait_for(RelayStatus::Standby).await;
-        let (expect, collector) = spawn_collector(w.subscribe(0).await, Duration::from_secs(300));
+        let (expect, collector) = spawn_collector(w.subscribe(0).await, Duration::from_secs(120));
 
         let writers = tokio::spawn({
             let w = w.clone();
@@ -64,7 +64,7 @@ async fn broker_outage_of_10s_while_writers_continue_loses_nothing() {
     with_world(world, move |w| async move {
         let relay = w.start_relay(&w.database_url, relay_transport);
         relay.wait_for(RelayStatus::Leader).await;
-        let (expect, collector) = spawn_collector(w.subscribe(0).await, Duration::from_secs(300));
+        let (expect, collector) = spawn_collector(w.subscribe(0).await, Duration::from_secs(120));
         let before = write_concurrently(&w.pool, &w.schema, 8, 1_000, 300).await;
         proxy.cut();
         // The outage itself is the scenario: the broker is unreachable for 10 s while writers
@@ -95,7 +95,7 @@ async fn database_outage_is_survived_by_the_relay() {
     with_world(world, move |w| async move {
         let relay = w.start_relay(&relay_database, w.transport.clone());
         relay.wait_for(RelayStatus::Leader).await;
-        let (expect, collector) = spawn_collector(w.subscribe(0).await, Duration::from_secs(300));
+        let (expect, collector) = spawn_collector(w.subscribe(0).await, Duration::from_secs(120));
         let before = write_concurrently(&w.pool, &w.schema, 8, 1_000, 300).await;
         proxy.cut();
         let during = write_concurrently(&w.pool, &w.schema, 8, 1_000, 300).await;

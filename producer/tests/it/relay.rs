@@ -22,7 +22,7 @@ async fn concurrent_writers_case(
     with_world(world, move |w| async move {
         let relay = w.start_relay(&w.database_url, w.transport.clone());
         relay.wait_for(RelayStatus::Leader).await;
-        let (expect, collector) = spawn_collector(w.subscribe(0).await, Duration::from_secs(300));
+        let (expect, collector) = spawn_collector(w.subscribe(0).await, Duration::from_secs(120));
         let written = write_concurrently(&w.pool, &w.schema, writers, target, entities).await;
         expect.send(written.committed.clone()).expect("collector running");
         let received = collector.await.expect("collector");
