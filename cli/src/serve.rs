@@ -12,10 +12,15 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`), `RESYNC_LOG_FORMAT=json` for JSON lines.
+/// Colours only on a terminal: a log file or collector gets plain text.
 pub(crate) fn init_logging() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if std::env::var("RESYNC_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();
     } else {

@@ -466,6 +466,7 @@ async fn frozen_consumers_and_a_restarted_redis_never_write_an_older_version_ove
     assert!(rounds >= 2, "the queue drained after {rounds} freeze(s): too few events for the test");
     world.wait_until_equal(Duration::from_secs(300)).await;
     let logs = world.consumer_logs_whole();
+    assert!(!logs.contains('\x1b'), "colour codes in a log written to a file");
     assert!(
         logs.contains("lock taken over") || logs.contains("lock expired"),
         "no consumer lost a lock: the freezes proved nothing\n{}",
