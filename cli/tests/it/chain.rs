@@ -19,7 +19,7 @@ use resync_demo::scenario::{Expected, compare};
 use resync_migrations::Schema;
 use resync_testkit::{Service, service_unreachable, unique_name};
 
-use crate::consume::stale_writes;
+use crate::consume::{log_tails, stale_writes};
 use crate::relay::{Process, free_port};
 
 /// Rows loaded before resync was adopted: no `resync.emit`, so resync has no version for them.
@@ -171,22 +171,10 @@ impl Chain {
                 "{what}: {} items differ from the table (first: {:?})\n{}",
                 mismatches.len(),
                 mismatches.first(),
-                self.logs()
+                log_tails(&self.config_dir)
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-    }
-
-    fn logs(&self) -> String {
-        let mut out = String::new();
-        for entry in std::fs::read_dir(&self.config_dir).into_iter().flatten().flatten() {
-            if entry.path().extension().is_some_and(|e| e == "log") {
-                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(10).collect();
-                out.push_str(&format!("--- {}\n{}\n", entry.path().display(), tail.join("\n")));
-            }
-        }
-        out
     }
 
     async fn cleanup(self) {

@@ -205,15 +205,7 @@ impl World {
     }
 
     fn consumer_logs(&self) -> String {
-        let mut out = String::new();
-        for entry in std::fs::read_dir(&self.config_dir).into_iter().flatten().flatten() {
-            if entry.path().extension().is_some_and(|e| e == "log") {
-                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(10).collect();
-                out.push_str(&format!("--- {}\n{}\n", entry.path().display(), tail.join("\n")));
-            }
-        }
-        out
+        log_tails(&self.config_dir)
     }
 
     async fn applied_writes(&self) -> u64 {
@@ -226,6 +218,19 @@ impl World {
         let _ = std::fs::remove_dir_all(&self.config_dir);
         let _ = self.api.shutdown().await;
     }
+}
+
+/// The last lines of every process log (`*.log`) in `dir`, newest first, for failure messages.
+pub(crate) fn log_tails(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.path().extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(10).collect();
+            out.push_str(&format!("--- {}\n{}\n", entry.path().display(), tail.join("\n")));
+        }
+    }
+    out
 }
 
 /// 5% server errors and a rate limit, as the issue asks.
