@@ -66,14 +66,15 @@ impl Chain {
         let config_dir = std::env::temp_dir().join(&namespace);
         std::fs::create_dir_all(&config_dir).expect("config dir");
         let items = format!(
-            "name = \"items\"\npublishes = [\"item.updated\", \"item.deleted\"]\n[[sources]]\nentity = \"item\"\n\
+            "name = \"items\"\npublishes = [\"item.updated\", \"item.deleted\", \"tag.updated\"]\n\
+             [[sources]]\nentity = \"item\"\n\
              table = \"{}.items\"\ndata_column = \"data\"\ndeleted_column = \"deleted\"\n",
             schema.name()
         );
         std::fs::write(config_dir.join("items.toml"), items).expect("config");
         let sync = format!(
-            "name = \"sync\"\n[[subscriptions]]\ntypes = [\"item.*\"]\n\
-             [sink]\nurl = \"{}/entities/item/{{entity_id}}\"\ntimeout = \"2s\"\n",
+            "name = \"sync\"\n[[subscriptions]]\ntypes = [\"item.*\", \"tag.*\"]\n\
+             [sink]\nurl = \"{}/entities/{{entity_type}}/{{entity_id}}\"\ntimeout = \"2s\"\n",
             api.url()
         );
         std::fs::write(config_dir.join("sync.toml"), sync).expect("config");
@@ -238,5 +239,56 @@ async fn emit_relay_consume_and_a_resync_leave_the_third_party_equal_to_a_table_
     assert_eq!(stale_writes(&log), Vec::<String>::new(), "no write older than one before it");
     drop((relay, consumers));
     let chain = Arc::into_inner(chain).expect("the writer is done");
+    chain.cleanup().await;
+}
+
+/// Two entity types with the same ids, emitted in the same transactions: the relay publishes
+/// each to its own topic, one consumer applies both, each to its type's URL, each entity at
+/// its own version (the counter is per type and id), and no write of one lands on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_id_under_two_entity_types_stays_two_entities_through_the_chain() {
+    let chain = Chain::new(ApiConfig::default()).await;
+    let _relay = chain.spawn("relay", &["relay", "--poll-interval", "100ms"]);
+    let _consumer = chain.spawn("consumer", &["consume", "--service", "sync", "--lock-lease", "15s"]);
+    let emit = chain.schema.sql("SELECT version FROM {schema}.emit($1, $2, $3, $4)");
+    for round in 1..=3 {
+        let mut tx = chain.pool.begin().await.expect("begin");
+        for id in 1..=20 {
+            // Tags change twice as often as items: their versions run ahead.
+            let writes: &[&str] = if round == 1 { &["item", "tag", "tag"] } else { &["tag", "item", "tag"] };
+            for (write, entity) in writes.iter().enumerate() {
+                // Each write changes the content: an unchanged one is recorded, never sent.
+                let data = serde_json::json!({"entity": entity, "id": id, "round": round, "write": write});
+                let query = sqlx::query(emit.clone()).bind(entity).bind(id.to_string());
+                query.bind(format!("{entity}.updated")).bind(data).execute(&mut *tx).await.expect("emit");
+            }
+        }
+        tx.commit().await.expect("commit");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let state = chain.client.state().await.expect("apisim state");
+        let done = (1..=20).all(|id| {
+            let at = |entity: &str, version: i64| {
+                state.get(&format!("{entity}/{id}")).is_some_and(|s| {
+                    s.version == Some(version) && s.data["round"] == 3 && s.data["entity"] == entity
+                })
+            };
+            at("item", 3) && at("tag", 6)
+        });
+        if done {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every item and tag arrived: {state:?}\n{}",
+            log_tails(&chain.config_dir)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = chain.client.log_all().await.expect("apisim log");
+    assert_eq!(stale_writes(&log), Vec::<String>::new());
+    assert!(log.iter().all(|w| w.entity_type == "item" || w.entity_type == "tag"), "only the two types");
+    drop((_relay, _consumer));
     chain.cleanup().await;
 }

@@ -410,11 +410,11 @@ fn sum_of(metrics: &str, name: &str) -> Option<f64> {
 pub(crate) fn stale_writes(log: &[resync_apisim::LogEntry]) -> Vec<String> {
     let mut ordered: Vec<&resync_apisim::LogEntry> = log.iter().collect();
     ordered.sort_by_key(|w| w.seq);
-    let mut newest: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut newest: BTreeMap<(&str, &str), i64> = BTreeMap::new();
     let mut stale = Vec::new();
     for write in ordered {
         let version = write.version.expect("every write carries its version");
-        let seen = newest.entry(write.entity_id.as_str()).or_insert(version);
+        let seen = newest.entry((write.entity_type.as_str(), write.entity_id.as_str())).or_insert(version);
         if version < *seen {
             stale.push(format!(
                 "{} v{version} after v{seen} (write #{} at {})",
