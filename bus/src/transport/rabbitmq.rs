@@ -326,7 +326,7 @@ impl Publisher {
             failed.extend(round.failed);
             pending = round.retry;
             if let Some(err) = round.error {
-                if classify(&err) == Failure::NotFound {
+                if classify(&err) == Failure::NotFound || topic_missing(slot.as_ref(), destination).await {
                     return Err(TransportError::NotFound(destination_name(destination).to_string()));
                 }
                 *slot = None;
@@ -405,7 +405,7 @@ async fn publish_round(
             Ok(confirm) => confirms.push((index, message, confirm)),
             Err(err) => {
                 round.retry.push((index, message));
-                round.error = Some(err);
+                keep_most_telling(&mut round.error, err);
                 break;
             }
         }
@@ -422,12 +422,46 @@ async fn publish_round(
             Ok(_) => round.retry.push((index, message)),
             Err(err) => {
                 round.retry.push((index, message));
-                round.error.get_or_insert(err);
+                keep_most_telling(&mut round.error, err);
             }
         }
     }
     round.retry.sort_by_key(|(index, _)| *index);
     round
+}
+
+/// Keeps the error that says most of why a round failed. When the broker closes a channel for a
+/// missing exchange, the publishes after it fail only with "channel closing" while a confirm
+/// may carry the 404: the 404 must win, or a missing topic looks like a broken connection and
+/// is retried until the publish timeout.
+fn keep_most_telling(kept: &mut Option<lapin::Error>, err: lapin::Error) {
+    let rank = |e: &lapin::Error| match classify(e) {
+        Failure::NotFound => 2,
+        Failure::Fatal => 1,
+        Failure::Transient => 0,
+    };
+    if kept.as_ref().is_none_or(|k| rank(&err) > rank(k)) {
+        *kept = Some(err);
+    }
+}
+
+/// After a failed round to a topic: whether its exchange is missing, asked on a fresh channel of
+/// the same connection (a passive declare). The failed round's errors may only say that the
+/// channel closed, not why; a broken connection answers `false` and the round is retried.
+async fn topic_missing(slot: Option<&(Connection, Channel)>, destination: &Destination) -> bool {
+    let (Some((connection, _)), Destination::Topic(topic)) = (slot, destination) else { return false };
+    let Ok(channel) = connection.create_channel().await else { return false };
+    let options = ExchangeDeclareOptions { passive: true, ..Default::default() };
+    let declared = channel
+        .exchange_declare(topic.as_str().into(), ExchangeKind::Topic, options, FieldTable::default())
+        .await;
+    match declared {
+        Ok(()) => {
+            let _ = channel.close(200, "done".into()).await;
+            false
+        }
+        Err(err) => classify(&err) == Failure::NotFound,
+    }
 }
 
 fn properties(message: &OutgoingMessage) -> BasicProperties {

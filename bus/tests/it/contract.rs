@@ -318,6 +318,19 @@ pub(crate) async fn subscribing_to_a_missing_queue_is_an_error(transport: Arc<dy
     }
 }
 
+/// A batch big enough that the broker closes the channel mid-batch (RabbitMQ answers a missing
+/// exchange by closing the channel, and the publishes after that fail only with "channel
+/// closing"): still `NotFound`, at once, not a broken connection retried until the timeout.
+pub(crate) async fn publishing_to_a_missing_topic_is_not_found(transport: Arc<dyn Transport>) {
+    let missing = unique_name("missing-topic");
+    let messages: Vec<OutgoingMessage> = (0..500).map(|i| message(&format!("e{i}"), 1)).collect();
+    match transport.publish_batch(&Destination::Topic(missing.clone()), messages).await {
+        Err(TransportError::NotFound(name)) => assert_eq!(name, missing),
+        Err(other) => panic!("expected NotFound, got {other}"),
+        Ok(()) => panic!("publishing to a missing topic succeeded"),
+    }
+}
+
 macro_rules! contract_suite {
     ($transport:ident) => {
         mod $transport {
@@ -336,6 +349,7 @@ macro_rules! contract_suite {
                 message_received_too_often_goes_to_dead_letter_queue,
                 clean_shutdown_returns_what_was_not_acked,
                 subscribing_to_a_missing_queue_is_an_error,
+                publishing_to_a_missing_topic_is_not_found,
             );
         }
     };
