@@ -19,7 +19,7 @@ use resync_demo::scenario::{Expected, compare};
 use resync_migrations::Schema;
 use resync_testkit::{Service, service_unreachable, unique_name};
 
-use crate::consume::{log_tails, stale_writes};
+use crate::consume::{log_tails, resync_command, stale_writes};
 use crate::relay::{Process, free_port};
 
 /// Rows loaded before resync was adopted: no `resync.emit`, so resync has no version for them.
@@ -89,18 +89,8 @@ impl Chain {
     }
 
     fn resync(&self) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_resync"));
-        command
-            .env("RESYNC_CONFIG_DIR", &self.config_dir)
-            .env("RESYNC_TRANSPORT", "rabbitmq")
-            .env("RESYNC_SCHEMA", self.schema.name())
-            .env("RESYNC_NAMESPACE", &self.namespace)
-            .env("RESYNC_DATABASE_URL", Service::Postgres.url())
-            .env("RESYNC_REDIS_URL", Service::Redis.url())
-            .env("RESYNC_AMQP_URL", Service::RabbitMq.url())
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null());
-        command
+        let redis = Service::Redis.url();
+        resync_command(&self.config_dir, "rabbitmq", &self.schema, &self.namespace, &redis)
     }
 
     /// A long-running `resync` process, its log in the config dir.

@@ -123,19 +123,7 @@ impl World {
 
     /// `resync` with this world's settings in its environment.
     fn resync(&self) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_resync"));
-        command
-            .env("RESYNC_CONFIG_DIR", &self.config_dir)
-            .env("RESYNC_TRANSPORT", self.kind)
-            .env("RESYNC_SCHEMA", self.schema.name())
-            .env("RESYNC_NAMESPACE", &self.namespace)
-            .env("RESYNC_DATABASE_URL", Service::Postgres.url())
-            .env("RESYNC_REDIS_URL", &self.redis_url)
-            .env("RESYNC_AMQP_URL", Service::RabbitMq.url())
-            .env("AWS_ENDPOINT_URL", Service::SnsSqs.url())
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null());
-        command
+        resync_command(&self.config_dir, self.kind, &self.schema, &self.namespace, &self.redis_url)
     }
 
     fn consumer_listening(&self, lock_lease: &str, listen: std::net::SocketAddr) -> Process {
@@ -218,6 +206,29 @@ impl World {
         let _ = std::fs::remove_dir_all(&self.config_dir);
         let _ = self.api.shutdown().await;
     }
+}
+
+/// `resync` with a test world's settings in its environment (services from `testkit`).
+pub(crate) fn resync_command(
+    config_dir: &std::path::Path,
+    transport: &str,
+    schema: &Schema,
+    namespace: &str,
+    redis_url: &str,
+) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_resync"));
+    command
+        .env("RESYNC_CONFIG_DIR", config_dir)
+        .env("RESYNC_TRANSPORT", transport)
+        .env("RESYNC_SCHEMA", schema.name())
+        .env("RESYNC_NAMESPACE", namespace)
+        .env("RESYNC_DATABASE_URL", Service::Postgres.url())
+        .env("RESYNC_REDIS_URL", redis_url)
+        .env("RESYNC_AMQP_URL", Service::RabbitMq.url())
+        .env("AWS_ENDPOINT_URL", Service::SnsSqs.url())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    command
 }
 
 /// The last lines of every process log (`*.log`) in `dir`, newest first, for failure messages.
