@@ -46,3 +46,16 @@ pub use transport::{
     OWNER_MARK, ObservedQueue, OutgoingMessage, QueueDepth, QueueSpec, SubscribeOptions, Subscription,
     Transport, TransportError, attr, dead_letter_queue_name,
 };
+
+/// The one retry schedule of resync: exponential from `min` to `max`, with jitter (so processes
+/// that failed together do not retry together), never giving up by count (callers stop on a
+/// deadline or a permanent error).
+pub fn backoff(min: std::time::Duration, max: std::time::Duration) -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}

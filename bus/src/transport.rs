@@ -259,6 +259,24 @@ impl DeadLetterReason {
     }
 }
 
+impl std::str::FromStr for DeadLetterReason {
+    type Err = String;
+
+    /// Reads back what [`DeadLetterReason::as_attribute`] wrote.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "invalid-envelope" => Ok(DeadLetterReason::InvalidEnvelope),
+            "max-receives-exceeded" => Ok(DeadLetterReason::MaxReceivesExceeded),
+            "not-subscribed" => Ok(DeadLetterReason::NotSubscribed),
+            other => other
+                .strip_prefix("sink-rejected-")
+                .and_then(|status| status.parse().ok())
+                .map(|status| DeadLetterReason::SinkRejected { status })
+                .ok_or_else(|| format!("`{other}` is not a dead-letter reason resync writes")),
+        }
+    }
+}
+
 /// What a consumer says about a message it gives up on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
@@ -462,6 +480,15 @@ mod tests {
             DeadLetter { reason: DeadLetterReason::SinkRejected { status: 422 }, detail: "é".repeat(2000) };
         let attrs = dl.attributes(&Attributes::new(), 3, "q");
         assert_eq!(attrs[attr::DEAD_LETTER_REASON], "sink-rejected-422");
+        for reason in [
+            DeadLetterReason::InvalidEnvelope,
+            DeadLetterReason::SinkRejected { status: 422 },
+            DeadLetterReason::MaxReceivesExceeded,
+            DeadLetterReason::NotSubscribed,
+        ] {
+            assert_eq!(reason.as_attribute().parse::<DeadLetterReason>(), Ok(reason));
+        }
+        assert!("sink-rejected-".parse::<DeadLetterReason>().is_err());
         assert_eq!(attrs[attr::ATTEMPTS], "3");
         assert!(attrs[attr::DEAD_LETTER_DETAIL].len() <= MAX_DEAD_LETTER_DETAIL + '…'.len_utf8());
     }

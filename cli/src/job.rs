@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use resync_bus::{Stream, TransportConfig};
 use resync_migrations::Schema;
-use resync_snapshotter::{Job, JobOptions};
+use resync_snapshotter::{Job, JobOptions, JobStatus, Milestone};
 use uuid::Uuid;
 
 use crate::{Common, connect_db};
@@ -57,6 +57,15 @@ pub(crate) enum JobCommand {
     },
 }
 
+/// How a job runs beside live traffic.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum JobMode {
+    /// Live events keep being applied during the resync; the version rule keeps both correct.
+    Concurrent,
+    /// The subscribing services' live consumers are paused for the job.
+    PauseLive,
+}
+
 #[derive(Args)]
 pub(crate) struct StartArgs {
     /// The entity type, e.g. `listing`; a service's config must map its source table.
@@ -93,8 +102,8 @@ pub(crate) struct StartArgs {
     /// `concurrent` (default): live events keep being applied during the resync; the version
     /// rule keeps both correct. `pause-live`: the subscribing services' live consumers are
     /// paused for the job and resumed when it completes (their backlog is then applied).
-    #[arg(long, default_value = "concurrent", value_parser = ["concurrent", "pause-live"])]
-    mode: String,
+    #[arg(long, value_enum, default_value_t = JobMode::Concurrent)]
+    mode: JobMode,
     /// Skip the API call for entities whose content the sink already has (the consumers
     /// compare content hashes); without it, a resync re-sends every entity, also those at the
     /// version the sink has (the point of a resync after fixing a sync bug).
@@ -142,47 +151,38 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
                 chunk_size: args.chunk_size,
                 sinks: receivers.iter().filter(|s| s.sink.is_some()).map(|s| s.sink_name()).collect(),
                 skip_unchanged: args.skip_unchanged,
-                paused_services: if args.mode == "pause-live" {
+                paused_services: if args.mode == JobMode::PauseLive {
                     receivers.iter().filter(|s| s.sink.is_some()).map(|s| s.name.clone()).collect()
                 } else {
                     Vec::new()
                 },
                 readers: args.readers,
             };
-            let id = resync_snapshotter::create(&pool, schema, namespace, source, &options).await?;
+            let id = resync_snapshotter::start(&pool, schema, namespace, source, &options).await?;
             println!("job {id}");
             for service in &options.paused_services {
-                let reason = format!("resync job {id} (pause-live)");
-                resync_consumer::control::pause(&pool, schema, service, Stream::Live, Some(&reason)).await?;
-                println!("paused {service} live until the job completes");
+                println!("paused {service} live until the job is finished");
             }
             if !args.detach {
-                run_job(common, schema, &pool, id).await?;
+                drive(common, schema, &pool, id).await?;
             }
         }
         JobCommand::Resume { id } => {
-            let job = resync_snapshotter::get(&pool, schema, id).await?;
-            match job.status.as_str() {
-                "paused" | "failed" => {
-                    resync_snapshotter::transition(&pool, schema, id, &["paused", "failed"], "running")
-                        .await?;
-                }
-                "completed" | "cancelled" => {
-                    println!("job {id} is {}: nothing to resume", job.status);
-                    return Ok(());
-                }
-                _ => {}
+            let job = resync_snapshotter::resume(&pool, schema, id).await?;
+            if job.status.is_finished() {
+                println!("job {id} is {}: nothing to resume", job.status);
+                return Ok(());
             }
-            run_job(common, schema, &pool, id).await?;
+            drive(common, schema, &pool, id).await?;
         }
         JobCommand::Pause { id } => {
-            let job = resync_snapshotter::transition(&pool, schema, id, &["running"], "paused").await?;
-            println!("{}", line(&job));
+            println!("{}", line(&resync_snapshotter::pause(&pool, schema, id).await?));
         }
         JobCommand::Cancel { id } => {
-            let from = ["running", "paused", "published"];
-            let job = resync_snapshotter::transition(&pool, schema, id, &from, "cancelled").await?;
-            resume_live(&pool, schema, id).await?;
+            let (job, resumed) = resync_snapshotter::cancel(&pool, schema, id).await?;
+            for service in resumed {
+                println!("resumed {service} live");
+            }
             println!("{}", line(&job));
         }
         JobCommand::Status { id, json, watch } => loop {
@@ -191,8 +191,7 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
                 println!("{}", serde_json::to_string_pretty(&job)?);
                 break;
             }
-            let unfinished = ["running", "published"].contains(&job.status.as_str());
-            if watch && unfinished && std::io::stdout().is_terminal() {
+            if watch && job.status.is_in_progress() && std::io::stdout().is_terminal() {
                 // Carriage return and erase-to-end-of-line: the line is redrawn in place.
                 print!("\r{}\x1b[K", watch_line(&job));
                 use std::io::Write;
@@ -255,35 +254,15 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
     Ok(())
 }
 
-/// Publishes the job, then waits until its sinks applied every row.
-/// Takes a job as far as it goes: publishes it if it is running (from its checkpoint), waits
-/// until its sinks applied every row if it is published, and ends `pause-live` once it is
-/// completed or cancelled.
-async fn run_job(common: &Common, schema: &Schema, pool: &sqlx::PgPool, id: Uuid) -> Result<()> {
-    let mut job = resync_snapshotter::get(pool, schema, id).await?;
-    if job.status == "running" {
-        let transport = TransportConfig::named(&common.transport)?.connect().await?;
-        let ran = resync_snapshotter::run(pool, schema, transport.as_ref(), id).await;
-        transport.close().await?;
-        job = ran?;
-        println!("{}", line(&job));
-    }
-    if job.status == "published" {
-        job = resync_snapshotter::await_completion(pool, schema, id, Duration::from_millis(500)).await?;
-        println!("{}", line(&job));
-    }
-    if ["completed", "cancelled"].contains(&job.status.as_str()) {
-        resume_live(pool, schema, id).await?;
-    }
-    Ok(())
-}
-
-/// Ends `pause-live`: the paused services' consumers take their live backlog again.
-async fn resume_live(pool: &sqlx::PgPool, schema: &Schema, id: Uuid) -> Result<()> {
-    for service in resync_snapshotter::load_spec(pool, schema, id).await?.paused_services {
-        resync_consumer::control::resume(pool, schema, &service, Stream::Live).await?;
-        println!("resumed {service} live");
-    }
+/// Takes the job as far as it goes in this process (see [`resync_snapshotter::drive`]), printing
+/// each milestone.
+async fn drive(common: &Common, schema: &Schema, pool: &sqlx::PgPool, id: Uuid) -> Result<()> {
+    let transport = TransportConfig::named(&common.transport)?;
+    let mut show = |milestone: Milestone<'_>| match milestone {
+        Milestone::Ran(job) | Milestone::Awaited(job) => println!("{}", line(job)),
+        Milestone::LiveResumed(service) => println!("resumed {service} live"),
+    };
+    resync_snapshotter::drive(pool, schema, &transport, id, Duration::from_millis(500), &mut show).await?;
     Ok(())
 }
 
@@ -308,7 +287,7 @@ fn line(job: &Job) -> String {
     ) + &job
         .error
         .as_ref()
-        .filter(|_| job.status == "failed")
+        .filter(|_| job.status == JobStatus::Failed)
         .map(|e| format!("\n    error: {e}"))
         .unwrap_or_default()
 }
@@ -428,12 +407,12 @@ fn sinks_in<'a>(catalog: &'a fare_config::Catalog, entity_type: &str) -> Vec<&'a
 mod tests {
     use super::*;
 
-    fn job(emitted: i64, total: i64, status: &str) -> Job {
+    fn job(emitted: i64, total: i64, status: JobStatus) -> Job {
         let created_at = chrono::Utc::now() - chrono::TimeDelta::seconds(100);
         Job {
             id: Uuid::now_v7(),
             entity_type: "listing".into(),
-            status: status.into(),
+            status,
             emitted,
             total: Some(total),
             applied: emitted / 2,
@@ -447,7 +426,7 @@ mod tests {
     #[test]
     fn the_watch_line_fits_80_columns_even_at_millions_of_rows() {
         for (emitted, total) in [(0, 0), (3, 10), (123_456_789, 987_654_321), (10_000_000, 10_000_000)] {
-            let line = watch_line(&job(emitted, total, "running"));
+            let line = watch_line(&job(emitted, total, JobStatus::Running));
             assert!(line.chars().count() < 80, "{} columns: {line}", line.chars().count());
             assert!(line.contains(&format!("{emitted}/{total} sent")), "{line}");
         }
@@ -456,9 +435,9 @@ mod tests {
     #[test]
     fn job_list_rows_line_up_under_the_header() {
         let header = list_header();
-        let row = list_row(&job(1500, 3000, "published"));
+        let row = list_row(&job(1500, 3000, JobStatus::Published));
         assert!(header.starts_with("ID ") && header.contains("STATUS"), "{header}");
         assert_eq!(header.find("ENTITY"), row.find("listing"), "\n{header}\n{row}");
-        assert_eq!(header.find("STATUS"), row.find("published"), "\n{header}\n{row}");
+        assert_eq!(header.find("STATUS"), row.find(JobStatus::Published.as_str()), "\n{header}\n{row}");
     }
 }

@@ -3,7 +3,7 @@
 //! Owns: the per-event pipeline ([`Processor`]: decode, entity lock, the version rule, sink call
 //! with retries, compare-and-set of the applied version, repair after a lost lock, ack /
 //! requeue / dead-letter), the [`Sink`] trait and the built-in [`HttpSink`], the applied-version
-//! store, pause/resume ([`control`]) and the consumer loop ([`Consumer`]). Does not own: the
+//! store and what other parts read of it ([`records`]), pause/resume ([`control`]) and the consumer loop ([`Consumer`]). Does not own: the
 //! transports (`bus`), locks (`locks`), topology (`fare`) or the schema (`migrations`).
 //!
 //! The version rule (see [`decision`]): an event is sent only if its version is newer than the
@@ -18,6 +18,7 @@ pub mod db;
 pub mod decision;
 pub mod metrics;
 mod process;
+pub mod records;
 mod runner;
 pub mod service;
 pub mod sink;
@@ -26,6 +27,6 @@ pub mod store;
 pub use db::{Db, Pooling};
 pub use process::{Outcome, Processor, RetryPolicy, Tally};
 pub use runner::{Consumer, ConsumerConfig, ConsumerError, QueueState};
-pub use sink::http::{HttpSink, HttpSinkConfig};
+pub use sink::http::HttpSink;
 pub use sink::{Sink, SinkError, SinkWrite};
 pub use store::AppliedStore;

@@ -13,7 +13,7 @@ use resync_throttle::{AdaptiveConcurrency, ConcurrencyConfig, RateLimiterConfig,
 
 use crate::autoscale::Autoscaler;
 use crate::sink::Sink;
-use crate::sink::http::{HttpSink, HttpSinkConfig, HttpSinkConfigError};
+use crate::sink::http::{HttpSink, HttpSinkConfigError};
 use crate::sink::throttled::ThrottledSink;
 use crate::{AppliedStore, Consumer, ConsumerConfig, Db, Pooling, Processor, RetryPolicy};
 
@@ -81,15 +81,7 @@ pub fn http_sink(service: &ServiceConfig) -> Result<HttpSink, BuildError> {
         service: service.name.clone(),
         file: service.source_file.clone(),
     })?;
-    let config = HttpSinkConfig {
-        name: spec.name.clone(),
-        url: spec.url.clone(),
-        method: spec.method.clone(),
-        delete_method: spec.delete_method.clone(),
-        headers: spec.headers.clone(),
-        timeout: spec.timeout,
-    };
-    HttpSink::new(&config, &service.name)
+    HttpSink::new(spec, &service.name)
         .map_err(|source| BuildError::Sink { file: service.source_file.clone(), source })
 }
 

@@ -91,8 +91,11 @@ pub struct CasRequest<'a> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Cas {
     Recorded,
-    /// The row was not at the expected version; here is what it is now.
+    /// The row was not at the expected version; here is what it is now (`None`: no row).
     Conflict(Option<AppliedState>),
+    /// The row was not at the expected version, and what it is now was not read (a batch
+    /// compare-and-set reports only which requests were recorded).
+    ConflictUnread,
 }
 
 /// The applied state and started version of each key `k` (entity_type, entity_id) of sink `$1`,

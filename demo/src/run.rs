@@ -262,7 +262,7 @@ async fn drive(
     let mut report = Report {
         transport: options.transport.clone(),
         entities: options.entities,
-        live_events: count_events(stage).await?,
+        live_events: log_extent(stage).await?.events,
         replayed_duplicates: replayed,
         resync_events,
         mismatches,
@@ -399,15 +399,13 @@ async fn write_one(
 /// Republishes the first tenth of the log to every subscriber: duplicates the consumers must
 /// recognise.
 async fn replay_some(stage: &Stage) -> Result<u64, DemoError> {
-    let total = count_events(stage).await?;
+    let log = log_extent(stage).await?;
     let request = ReplayRequest {
-        from: 1,
-        to: Some((total / 10).max(1)),
+        from: log.first_seq,
+        to: Some(log.first_seq + (log.events / 10).max(1) - 1),
         entity_type: None,
         target: ReplayTarget::AllSubscribers { namespace: Some(stage.namespace.clone()) },
     };
-    let first_seq = first_seq(stage).await?;
-    let request = ReplayRequest { from: first_seq, to: request.to.map(|to| to + first_seq - 1), ..request };
     let replayed = resync_producer::replay(&stage.pool, &stage.schema, &stage.transport, &request)
         .await
         .map_err(step("replay"))?;
@@ -426,7 +424,7 @@ pub(crate) async fn run_resync_job(stage: &Stage, catalog: &Catalog) -> Result<u
     let sinks = catalog.services.iter().filter(|s| s.sink.is_some()).map(|s| s.sink_name()).collect();
     let options = JobOptions { sinks, ..JobOptions::default() };
     let (pool, schema) = (&stage.pool, &stage.schema);
-    let id = resync_snapshotter::create(pool, schema, Some(&stage.namespace), source, &options)
+    let id = resync_snapshotter::start(pool, schema, Some(&stage.namespace), source, &options)
         .await
         .map_err(step("creating the resync job"))?;
     let published = resync_snapshotter::run(pool, schema, stage.transport.as_ref(), id)
@@ -511,18 +509,8 @@ async fn queues_drained(stage: &Stage) -> bool {
     true
 }
 
-async fn count_events(stage: &Stage) -> Result<i64, DemoError> {
-    sqlx::query_scalar(stage.schema.sql("SELECT count(*) FROM {schema}.outbox"))
-        .fetch_one(&stage.pool)
-        .await
-        .map_err(step("counting events"))
-}
-
-async fn first_seq(stage: &Stage) -> Result<i64, DemoError> {
-    sqlx::query_scalar(stage.schema.sql("SELECT coalesce(min(seq), 1) FROM {schema}.outbox"))
-        .fetch_one(&stage.pool)
-        .await
-        .map_err(step("reading the event log"))
+async fn log_extent(stage: &Stage) -> Result<resync_producer::LogExtent, DemoError> {
+    resync_producer::extent(&stage.pool, &stage.schema).await.map_err(step("reading the event log"))
 }
 
 pub(crate) async fn cleanup(stage: &Stage) {

@@ -18,14 +18,14 @@ use chrono::{DateTime, Utc};
 use resync_bus::transport::{
     Delivery, Destination, OutgoingMessage, SubscribeOptions, Transport, TransportError,
 };
-use resync_bus::{DecodeLimits, attr, dead_letter_queue_name};
+use resync_bus::{DeadLetterReason, DecodeLimits, attr, dead_letter_queue_name};
 use serde::Serialize;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 /// The reason of a message the broker moved by itself after too many receives (it carries no
 /// reason of ours: the consumer died or was stopped each time before it could give up).
-pub const MOVED_BY_BROKER: &str = "max-receives-exceeded";
+pub const MOVED_BY_BROKER: DeadLetterReason = DeadLetterReason::MaxReceivesExceeded;
 
 /// Most messages one sweep keeps held at once (RabbitMQ's prefetch is a 16-bit number).
 pub const MAX_SWEEP: u64 = 50_000;
@@ -70,8 +70,10 @@ impl DeadLetterRecord {
     pub fn of(delivery: &Delivery) -> Self {
         let attributes = &delivery.attributes;
         let envelope = delivery.envelope(&DecodeLimits::default()).ok();
-        let reason =
-            attributes.get(attr::DEAD_LETTER_REASON).cloned().unwrap_or_else(|| MOVED_BY_BROKER.to_string());
+        let reason = attributes
+            .get(attr::DEAD_LETTER_REASON)
+            .cloned()
+            .unwrap_or_else(|| MOVED_BY_BROKER.as_attribute());
         let detail = attributes.get(attr::DEAD_LETTER_DETAIL).map(|d| truncate(d, MAX_DETAIL));
         Self {
             reason,
@@ -159,7 +161,8 @@ impl Selection {
     /// that reason was asked for (it would only be dead-lettered again). The dry run counts
     /// with the same rule.
     pub fn redrives(&self, record: &DeadLetterRecord) -> bool {
-        let invalid_unasked = record.reason == "invalid-envelope" && self.reason.is_none();
+        let invalid = record.reason.parse() == Ok(DeadLetterReason::InvalidEnvelope);
+        let invalid_unasked = invalid && self.reason.is_none();
         self.matches(record) && !invalid_unasked
     }
 }
@@ -371,7 +374,7 @@ mod tests {
         let records = [
             record("sink-rejected-422", Some("2026-01-02T00:00:00Z")),
             record("sink-rejected-422", Some("2026-01-01T00:00:00Z")),
-            record(MOVED_BY_BROKER, None),
+            record(&MOVED_BY_BROKER.as_attribute(), None),
         ];
         let summaries = summarize(&records);
         assert_eq!(summaries.len(), 2);

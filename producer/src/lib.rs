@@ -4,7 +4,8 @@
 //! Owns: [`emit`] (the Rust side of the transactional outbox; plain SQL callers use the
 //! `resync.emit(...)` function the migrations install), the [`Relay`] that publishes committed
 //! events in order with publisher confirms and leader election among several relays, and the
-//! event log operations [`replay`] and [`prune`]. Does not own: the schema (the `migrations`
+//! event log operations [`replay`], [`prune`] and [`extent`], and the version counter
+//! ([`versions`]) that `resync.emit` keeps and resync jobs read. Does not own: the schema (the `migrations`
 //! crate), broker topology (`fare`), or consuming (the `consumer` crate).
 //!
 //! Ordering: `emit` bumps the entity's version under a row lock and then takes the next global
@@ -16,11 +17,12 @@ mod emit;
 mod log;
 pub mod metrics;
 mod relay;
+pub mod versions;
 
 pub use emit::{EmitError, EmittedEvent, NewEvent, emit};
 pub use log::{
-    LogError, Parked, ReplayRequest, ReplayTarget, Replayed, drop_parked, parked, prune, release_parked,
-    replay,
+    LogError, LogExtent, Parked, ReplayRequest, ReplayTarget, Replayed, drop_parked, extent, parked, prune,
+    release_parked, replay,
 };
 pub use relay::{Relay, RelayConfig, RelayError, RelayStatus};
 pub use resync_migrations::Schema;

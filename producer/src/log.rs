@@ -199,3 +199,20 @@ pub async fn drop_parked(pool: &PgPool, schema: &Schema, entity_type: &str) -> R
         .map_err(|source| LogError::Database { doing: "dropping parked events", source })?
         .rows_affected())
 }
+
+/// How much of the event log is kept: events and the first sequence number (1 when empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct LogExtent {
+    pub events: i64,
+    pub first_seq: i64,
+}
+
+/// The events kept in the log and where it starts (what `replay` can still send).
+pub async fn extent(pool: &PgPool, schema: &Schema) -> Result<LogExtent, LogError> {
+    let sql =
+        schema.sql("SELECT count(*) AS events, coalesce(min(seq), 1) AS first_seq FROM {schema}.outbox");
+    sqlx::query_as(sql)
+        .fetch_one(pool)
+        .await
+        .map_err(|source| LogError::Database { doing: "reading the event log's extent", source })
+}

@@ -11,7 +11,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
 use resync_bus::{Destination, Envelope, OutgoingMessage, Stream, Transport, TransportError};
 use resync_migrations::Schema;
@@ -151,12 +150,7 @@ impl Relay {
     }
 
     fn backoff(&self) -> backon::ExponentialBackoff {
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(self.config.max_backoff)
-            .with_jitter()
-            .without_max_times()
-            .build()
+        resync_bus::backoff(Duration::from_millis(200), self.config.max_backoff)
     }
 
     async fn lead_when_elected(

@@ -93,10 +93,10 @@ async fn job(
     };
     let options = JobOptions { chunk_size: CHUNK, readers, ..Default::default() };
     let id =
-        resync_snapshotter::create(pool, schema, Some(namespace), &source, &options).await.expect("create");
+        resync_snapshotter::start(pool, schema, Some(namespace), &source, &options).await.expect("create");
     let start = Instant::now();
     let job = resync_snapshotter::run(pool, schema, transport, id).await.expect("run");
-    assert_eq!(job.status, "published");
+    assert_eq!(job.status, resync_snapshotter::JobStatus::Published);
     start.elapsed()
 }
 

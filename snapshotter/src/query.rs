@@ -140,12 +140,14 @@ impl SourceQuery {
             .flatten()
             .map(|f| format!("({f})"))
             .collect::<Vec<_>>();
-        let resync = quote(schema.name());
         let entity = literal(&source.entity);
         if let Some(sink) = rejected_by {
-            filter.push(format!(
-                "{id}::text IN (SELECT entity_id FROM {resync}.dead_lettered_entities WHERE sink = {} AND entity_type = {entity})",
-                literal(sink),
+            let key_text = format!("{id}::text");
+            filter.push(resync_consumer::records::dead_lettered_condition(
+                schema,
+                &key_text,
+                &literal(sink),
+                &entity,
             ));
         }
         let filter = if filter.is_empty() { "true".to_string() } else { filter.join(" AND ") };
@@ -155,10 +157,7 @@ impl SourceQuery {
         let key = format!("src.{id}");
         // A subquery rather than a join: the filter and data columns name the table's columns
         // unqualified, and a join would make a table column called `version` ambiguous.
-        let counted = format!(
-            "(SELECT ev.version FROM {resync}.entity_versions AS ev \
-              WHERE ev.entity_type = {entity} AND ev.entity_id = {key}::text)"
-        );
+        let counted = resync_producer::versions::counter_expression(schema, &entity, &format!("{key}::text"));
         let select = format!(
             "SELECT {key}::text AS id, {counted} AS counted, {declared} AS declared, {deleted} AS deleted, \
              {data} AS data FROM {table} AS src"
@@ -279,10 +278,7 @@ async fn version_source(pool: &PgPool, schema: &Schema, source: &SourceSpec) -> 
     if source.version_column.is_none() {
         return Ok(VersionSource::Counter);
     }
-    let sql = schema.sql("SELECT EXISTS (SELECT 1 FROM {schema}.entity_versions WHERE entity_type = $1)");
-    let emitted: bool = sqlx::query_scalar(sql)
-        .bind(&source.entity)
-        .fetch_one(pool)
+    let emitted = resync_producer::versions::any_counted(pool, schema, &source.entity)
         .await
         .map_err(db("looking for versions resync.emit assigned"))?;
     Ok(if emitted { VersionSource::Counter } else { VersionSource::Column })

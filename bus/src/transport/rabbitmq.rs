@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use backon::ExponentialBackoff;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
@@ -221,12 +221,7 @@ fn op_error(operation: &'static str, resource: &str, err: &lapin::Error) -> Tran
 }
 
 fn backoff(config: &RabbitMqConfig) -> ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(config.max_reconnect_backoff)
-        .with_jitter()
-        .without_max_times()
-        .build()
+    crate::backoff(Duration::from_millis(100), config.max_reconnect_backoff)
 }
 
 /// The AMQP frame size resync asks for unless the URL sets `?frame_max=`.

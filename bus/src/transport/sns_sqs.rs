@@ -22,7 +22,7 @@ use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, MessageAttributeValue as SqsAttribute,
     MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry,
 };
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use backon::ExponentialBackoff;
 use bytes::Bytes;
 use serde_json::json;
 use tokio::task::JoinHandle;
@@ -103,12 +103,7 @@ fn op_error<E: ProvideErrorMetadata + std::error::Error + 'static>(
 }
 
 fn retry_delays() -> ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build()
+    crate::backoff(Duration::from_millis(100), Duration::from_secs(5))
 }
 
 /// The SNS/SQS transport.

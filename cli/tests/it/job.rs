@@ -284,7 +284,7 @@ async fn parallel_readers_publish_the_table_as_of_one_snapshot() {
         ..Default::default()
     };
     let (pool, schema) = (setup.pool.clone(), setup.schema.clone());
-    let job = resync_snapshotter::create(&pool, &schema, Some(&setup.namespace), &source, &options)
+    let job = resync_snapshotter::start(&pool, &schema, Some(&setup.namespace), &source, &options)
         .await
         .expect("create the job");
     // Room for the snapshot, one reader and the checkpoints: the four ranges run one after another.
@@ -308,7 +308,7 @@ async fn parallel_readers_publish_the_table_as_of_one_snapshot() {
     let bumped = setup.schema.sql("UPDATE {schema}.listings SET version = version + 100");
     sqlx::query(bumped).execute(&setup.pool).await.expect("update every row");
     let finished = runner.await.expect("runner");
-    assert_eq!((finished.status.as_str(), finished.emitted), ("published", ROWS as i64));
+    assert_eq!((finished.status, finished.emitted), (resync_snapshotter::JobStatus::Published, ROWS as i64));
     let ranges: Vec<(i32, bool)> = sqlx::query_as(
         setup
             .schema

@@ -1,4 +1,5 @@
-//! The built-in HTTP sink: one request per write, configured in the service config.
+//! The built-in HTTP sink: one request per write, configured by the service config's `[sink]`
+//! (`fare_config::SinkSpec`, the one sink config type).
 //!
 //! Upserts send the entity's `data` as the JSON body with the configured method (PUT by
 //! default); tombstones send DELETE (configurable). The URL template may use `{entity_type}`
@@ -6,82 +7,14 @@
 //! `X-Resync-Event-Id` and `Idempotency-Key` (the event id), plus configured headers whose
 //! values may reference env vars as `${NAME}` so secrets never sit in config files.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use fare_config::SinkSpec;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
-use serde::{Deserialize, Serialize};
 
 use super::{Sink, SinkError, SinkWrite};
-
-/// `[sink]` of a service config with `type = "http"`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpSinkConfig {
-    /// Name of the sink; applied versions are tracked per name (default: the service name).
-    #[serde(default)]
-    pub name: Option<String>,
-    /// e.g. `https://api.example.com/v1/listings/{entity_id}`.
-    pub url: String,
-    /// Method for upserts: PUT (default), POST or PATCH.
-    #[serde(default = "default_method")]
-    pub method: String,
-    /// Method for tombstones: DELETE (default), or PUT/POST/PATCH to send the tombstone state.
-    #[serde(default = "default_delete_method")]
-    pub delete_method: String,
-    /// Extra headers; `${VAR}` in a value is replaced by the env var VAR at startup.
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    /// Per-request timeout, e.g. `10s`.
-    #[serde(default = "default_timeout", with = "humantime_serde_compat")]
-    pub timeout: Duration,
-}
-
-fn default_method() -> String {
-    "PUT".into()
-}
-
-fn default_delete_method() -> String {
-    "DELETE".into()
-}
-
-fn default_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-
-/// (De)serialises durations as `"10s"`, `"250ms"`.
-mod humantime_serde_compat {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{}ms", d.as_millis()))
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        super::parse_duration(&text).map_err(serde::de::Error::custom)
-    }
-}
-
-/// `250ms`, `10s`, `2m`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 =
-        number.parse().map_err(|_| format!("`{text}` is not a duration like `10s` or `250ms`"))?;
-    let seconds = match unit.trim() {
-        "ms" => value / 1000.0,
-        "s" | "" => value,
-        "m" => value * 60.0,
-        _ => return Err(format!("`{text}`: unit must be ms, s or m")),
-    };
-    Ok(Duration::from_secs_f64(seconds))
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpSinkConfigError {
@@ -108,7 +41,7 @@ const MAX_ERROR_BODY: usize = 1024;
 
 impl HttpSink {
     /// Validates the config, resolves `${VAR}` headers from the environment, builds the client.
-    pub fn new(config: &HttpSinkConfig, default_name: &str) -> Result<Self, HttpSinkConfigError> {
+    pub fn new(config: &SinkSpec, default_name: &str) -> Result<Self, HttpSinkConfigError> {
         let method = parse_method("method", &config.method)?;
         let delete_method = parse_method("delete_method", &config.delete_method)?;
         let sample = expand_url(&config.url, "listing", "1");
@@ -260,6 +193,8 @@ impl Sink for HttpSink {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     #[test]
@@ -308,13 +243,14 @@ mod tests {
 
     #[test]
     fn config_errors_name_the_key() {
-        let mut config = HttpSinkConfig {
+        let mut config = SinkSpec {
             name: None,
             url: "http://x/{entity_id}".into(),
             method: "GET".into(),
-            delete_method: default_delete_method(),
+            delete_method: "DELETE".into(),
             headers: BTreeMap::new(),
-            timeout: default_timeout(),
+            timeout: Duration::from_secs(10),
+            rate_limit: None,
         };
         assert!(HttpSink::new(&config, "s").err().unwrap().to_string().starts_with("sink.method"));
         config.method = "put".into();
@@ -322,6 +258,5 @@ mod tests {
         assert!(
             HttpSink::new(&config, "s").err().unwrap().to_string().starts_with("sink.headers.authorization")
         );
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
     }
 }

@@ -114,7 +114,11 @@ async fn listing_counts_reasons_and_loses_nothing_then_redrive_and_purge_select(
         resync_dlq::summarize(&listed.records).into_iter().map(|s| (s.reason, s.count)).collect();
     assert_eq!(
         counts,
-        [("sink-rejected-422".into(), REJECTED), ("invalid-envelope".into(), 1), (MOVED_BY_BROKER.into(), 1)],
+        [
+            ("sink-rejected-422".into(), REJECTED),
+            ("invalid-envelope".into(), 1),
+            (MOVED_BY_BROKER.as_attribute(), 1)
+        ],
         "{listed:#?}"
     );
     let rejected = listed.records.iter().find(|r| r.reason == "sink-rejected-422").expect("a rejection");
@@ -147,7 +151,10 @@ async fn listing_counts_reasons_and_loses_nothing_then_redrive_and_purge_select(
         resync_dlq::purge(transport.as_ref(), &queue, &invalid, Duration::ZERO).await.expect("purge");
     assert_eq!((purged.deleted, purged.kept), (1, 1), "only the selected dead letter goes");
     let left = resync_dlq::inspect(transport.as_ref(), &queue).await.expect("inspect");
-    assert_eq!(left.records.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>(), [MOVED_BY_BROKER]);
+    assert_eq!(
+        left.records.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>(),
+        [MOVED_BY_BROKER.as_attribute().as_str()]
+    );
 
     transport.delete_queue(&queue).await.expect("cleanup");
 }

@@ -1,0 +1,74 @@
+//! What other parts of resync read of the consumer's records, as typed functions: the applied
+//! versions and dead-lettered entities a sink holds. The consumer owns these tables (it writes
+//! them through [`crate::AppliedStore`]); jobs, `verify` and the demo's report read them only
+//! through this module, so their SQL lives in one crate.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use resync_migrations::Schema;
+use sqlx::PgPool;
+
+/// A sink's record of one entity: a version it applied (or skipped as unchanged), or a version
+/// it dead-lettered, and when.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct SinkRecord {
+    pub sink: String,
+    pub entity_id: String,
+    pub version: i64,
+    pub at: DateTime<Utc>,
+}
+
+/// Every sink's applied and dead-lettered records of these entities (up to two per sink and
+/// entity).
+pub async fn sink_records(
+    pool: &PgPool,
+    schema: &Schema,
+    sinks: &[String],
+    entity_type: &str,
+    entity_ids: &[&str],
+) -> Result<Vec<SinkRecord>, sqlx::Error> {
+    // One primary-key probe per (entity, sink), whatever the statistics say: `LIMIT 1` keeps
+    // each lookup a subquery the planner cannot turn into a scan of the whole sink, which it did
+    // on the stale statistics of a table a resync fills faster than autovacuum analyzes it.
+    let sql = schema.sql(
+        "SELECT s.sink, k.entity_id, r.version, r.at \
+         FROM unnest($3::text[]) AS k(entity_id) CROSS JOIN unnest($1::text[]) AS s(sink) \
+         CROSS JOIN LATERAL ( \
+           (SELECT version, applied_at AS at FROM {schema}.applied_versions \
+            WHERE sink = s.sink AND entity_type = $2 AND entity_id = k.entity_id LIMIT 1) \
+           UNION ALL \
+           (SELECT version, dead_lettered_at FROM {schema}.dead_lettered_entities \
+            WHERE sink = s.sink AND entity_type = $2 AND entity_id = k.entity_id LIMIT 1)) r",
+    );
+    sqlx::query_as(sql).bind(sinks).bind(entity_type).bind(entity_ids).fetch_all(pool).await
+}
+
+/// The version `sink` applied of each of these entities that it applied at all.
+pub async fn applied_versions(
+    pool: &PgPool,
+    schema: &Schema,
+    sink: &str,
+    entity_type: &str,
+    entity_ids: &[&str],
+) -> Result<HashMap<String, i64>, sqlx::Error> {
+    let sql = schema.sql(
+        "SELECT entity_id, version FROM {schema}.applied_versions \
+         WHERE sink = $1 AND entity_type = $2 AND entity_id = ANY($3)",
+    );
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as(sql).bind(sink).bind(entity_type).bind(entity_ids).fetch_all(pool).await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// A SQL condition, for a query reading a source table, that holds for rows whose entity `sink`
+/// dead-lettered: `key_text` is the row's key as text, `sink` and `entity_type` are SQL
+/// literals (quoted by the caller). A fragment rather than a function because a job reads it in
+/// its own snapshot, in the same statement as the rows.
+pub fn dead_lettered_condition(schema: &Schema, key_text: &str, sink: &str, entity_type: &str) -> String {
+    format!(
+        "{key_text} IN (SELECT entity_id FROM {}.dead_lettered_entities \
+         WHERE sink = {sink} AND entity_type = {entity_type})",
+        schema.ident()
+    )
+}
