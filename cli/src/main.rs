@@ -72,20 +72,6 @@ enum Command {
     /// Run as many as needed; they share the work through the broker and never apply an
     /// older version of an entity over a newer one. Serves /metrics, /healthz and /readyz.
     Consume(ConsumeArgs),
-    /// The main job, on the local services: provisions a small system with fare, writes and
-    /// updates listings through the outbox, runs the relay and several consumers against the
-    /// API simulator with faults on (errors, rate limit, latency, late timeouts), injects
-    /// duplicates and a resync, then reports and checks that the third party equals the
-    /// database. Exits non-zero if it does not. `--transport sns-sqs` runs it on the emulator.
-    Demo(DemoArgs),
-    /// A benchmark on the local services (RabbitMQ): N `resync consume` processes (through a
-    /// private PgBouncer, so N may exceed Postgres's max_connections) against the API simulator
-    /// limited to R writes/s, during a resync of M entities; all but a few get SIGTERM mid-run,
-    /// and the limit may change at given times. Prints completion against M/R, achieved
-    /// against allowed rate, the 429 share, peak RSS per consumer, how fast throughput followed
-    /// each limit change, and lost and stale counts; exits non-zero if anything was lost or
-    /// overwritten by an older version. `scripts/scale` builds and runs it.
-    ScaleTest(ScaleArgs),
     /// Full resync jobs: resend every entity of a type from its source table on the resync
     /// stream (start, resume, pause, cancel, status, list).
     Job {
@@ -163,65 +149,6 @@ struct ConsumeArgs {
 }
 
 #[derive(Args)]
-struct ScaleArgs {
-    /// Redis for the per-entity locks and the shared rate limit.
-    #[arg(long, env = "RESYNC_REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
-    redis_url: String,
-    /// Consumer processes.
-    #[arg(long, default_value_t = 150)]
-    consumers: usize,
-    /// Entities in the resync.
-    #[arg(long, default_value_t = 100_000)]
-    entities: usize,
-    /// The third party's limit, writes/s (the sink's configured shared rate too).
-    #[arg(long, default_value_t = 2_000.0)]
-    rate: f64,
-    /// Consumers left after the scale-down.
-    #[arg(long, default_value_t = 6)]
-    scale_down_to: usize,
-    /// Scale down once this share of the entities is applied (0..1); `--no-scale-down` to keep all.
-    #[arg(long, default_value_t = 0.5)]
-    scale_down_at: f64,
-    #[arg(long)]
-    no_scale_down: bool,
-    /// Change the third party's limit during the run: `<after job start>=<writes/s>`, repeatable
-    /// (e.g. --limit-change 15s=500 --limit-change 35s=2000).
-    #[arg(long = "limit-change")]
-    limit_changes: Vec<resync_demo::scale::LimitChange>,
-    /// Tokio worker threads per consumer process.
-    #[arg(long, default_value_t = 1)]
-    worker_threads: usize,
-    /// Longest wait for the resync to complete.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-    deadline: Duration,
-    /// Keep the schema, queues and topics afterwards.
-    #[arg(long)]
-    keep: bool,
-}
-
-#[derive(Args)]
-struct DemoArgs {
-    /// Redis for the per-entity locks.
-    #[arg(long, env = "RESYNC_REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
-    redis_url: String,
-    /// Listings to create.
-    #[arg(long, default_value_t = 1_000)]
-    entities: usize,
-    /// Update transactions after the creates.
-    #[arg(long, default_value_t = 4_000)]
-    updates: usize,
-    /// Consumers (each with its own broker connection).
-    #[arg(long, default_value_t = 4)]
-    consumers: usize,
-    /// Longest wait for the third party to converge.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-    deadline: Duration,
-    /// Keep the demo's schema, queues and topics afterwards.
-    #[arg(long)]
-    keep: bool,
-}
-
-#[derive(Args)]
 struct ReplayArgs {
     /// First sequence number of the log to replay (inclusive).
     #[arg(long)]
@@ -296,41 +223,6 @@ async fn main() -> Result<()> {
         }
         Command::Relay(args) => relay(&cli.common, schema, args).await?,
         Command::Consume(args) => consume(&cli.common, schema, args).await?,
-        Command::Demo(args) => {
-            let options = resync_demo::DemoOptions {
-                transport: cli.common.transport.clone(),
-                database_url: cli.common.database_url.clone(),
-                redis_url: args.redis_url,
-                entities: args.entities,
-                updates: args.updates,
-                consumers: args.consumers,
-                deadline: args.deadline,
-                keep: args.keep,
-                ..resync_demo::DemoOptions::default()
-            };
-            let report = resync_demo::run(&options).await?;
-            println!("{report}");
-            anyhow::ensure!(report.converged(), "the third party does not equal the database");
-        }
-        Command::ScaleTest(args) => {
-            let options = resync_demo::scale::ScaleOptions {
-                resync_bin: std::env::current_exe().context("locating the resync binary")?,
-                database_url: cli.common.database_url.clone(),
-                redis_url: args.redis_url,
-                consumers: args.consumers,
-                entities: args.entities,
-                rate: args.rate,
-                scale_down_to: args.scale_down_to,
-                scale_down_at: (!args.no_scale_down).then_some(args.scale_down_at),
-                limit_changes: args.limit_changes,
-                worker_threads: args.worker_threads,
-                deadline: args.deadline,
-                keep: args.keep,
-            };
-            let report = resync_demo::scale::run(&options).await?;
-            println!("{report}");
-            anyhow::ensure!(report.passed(), "entities were lost or overwritten by an older version");
-        }
         Command::Replay(args) => {
             let replayed = replay(&cli.common, &schema, args).await?;
             println!("replayed {} events", replayed.sent);

@@ -1,4 +1,4 @@
-//! `resync scale-test`: many `resync consume` processes on one machine against a rate-limited
+//! `resync-demo scale-test`: many `resync consume` processes on one machine against a rate-limited
 //! third party, during a full resync.
 //!
 //! N consumer processes (through one PgBouncer in transaction mode, so N may exceed Postgres's

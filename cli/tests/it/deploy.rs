@@ -795,3 +795,25 @@ fn autoscalers_target_the_consumers_queues() {
     }
     assert_eq!(scaled, 2, "one ScaledObject per broker");
 }
+
+#[test]
+fn the_shipped_binaries_do_not_link_the_demo_the_api_simulator_or_test_support() {
+    // What the image ships (resync, fare) is what runs in production: the demo, the simulator
+    // and test support are built into binaries of their own.
+    for package in ["resync-cli", "fare-config"] {
+        let output = Command::new(env!("CARGO"))
+            .current_dir(root())
+            .args(["tree", "--locked", "--offline", "-e", "normal", "--prefix", "none", "-p", package])
+            .output()
+            .expect("running cargo tree");
+        assert!(
+            output.status.success(),
+            "cargo tree -p {package}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let tree = String::from_utf8_lossy(&output.stdout);
+        for unwanted in ["resync-demo ", "resync-apisim ", "resync-testkit "] {
+            assert!(!tree.contains(unwanted), "{package} links {unwanted}:\n{tree}");
+        }
+    }
+}
