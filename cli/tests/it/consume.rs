@@ -96,6 +96,20 @@ impl World {
         }
     }
 
+    /// Declares one more subscriber of listings with a sink of its own, at the simulator's
+    /// `entity_type` path (so its writes are told apart from `sync`'s), and provisions it.
+    async fn add_sink_service(&mut self, name: &str, entity_type: &str) {
+        let config = format!(
+            "name = \"{name}\"\n[[subscriptions]]\ntypes = [\"listing.*\"]\n\
+             [sink]\nurl = \"{}/entities/{entity_type}/{{entity_id}}\"\ntimeout = \"2s\"\n",
+            self.api.url()
+        );
+        std::fs::write(self.config_dir.join(format!("{name}.toml")), config).expect("write config");
+        let catalog = fare_config::load_dir(&self.config_dir).expect("valid config");
+        self.topology = Topology::desired(&catalog, Some(&self.namespace));
+        fare_config::apply(self.transport.as_ref(), &self.topology).await.expect("fare apply");
+    }
+
     /// Writes the truth to the source table and publishes the history to the live topic.
     async fn publish(&mut self, events: &[Envelope], truth: BTreeMap<String, Expected>) {
         self.source.insert_all(&self.pool, &truth).await.expect("source rows");
@@ -127,6 +141,11 @@ impl World {
     }
 
     fn consumer_listening(&self, lock_lease: &str, listen: std::net::SocketAddr) -> Process {
+        self.consumer_of("sync", lock_lease, listen)
+    }
+
+    /// A consumer of `service` (one of this world's configs).
+    fn consumer_of(&self, service: &str, lock_lease: &str, listen: std::net::SocketAddr) -> Process {
         let log = std::fs::File::create(self.config_dir.join(format!("{}.log", unique_name("consumer"))))
             .expect("consumer log");
         let child = self
@@ -134,7 +153,7 @@ impl World {
             .args([
                 "consume",
                 "--service",
-                "sync",
+                service,
                 "--listen",
                 &listen.to_string(),
                 "--lock-lease",
@@ -334,18 +353,16 @@ async fn a_consumer_killed_mid_stream_loses_nothing(kind: &'static str, entities
 }
 
 /// Four consumer processes share one rate limit through Redis: the third party never sees more
-/// than the configured rate in total (here 150 writes/s over any second), and everything is
+/// than the configured rate in total (over any second), and everything is
 /// applied. Each process also adapts its concurrency.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consumer_processes_share_the_sinks_rate_limit() {
-    const RATE: usize = 150;
-    let mut world = World::new("rabbitmq", ApiConfig::default()).await;
+async fn consumer_processes_share_the_sinks_rate_limit(kind: &'static str, rate: usize) {
+    let mut world = World::new(kind, ApiConfig::default()).await;
     let mut config =
         std::fs::OpenOptions::new().append(true).open(world.config_dir.join("sync.toml")).expect("config");
     // The file ends in its [consumer] table.
-    let limit = format!("adaptive_concurrency = true\n[sink.rate_limit]\nper_second = {RATE}\n");
+    let limit = format!("adaptive_concurrency = true\n[sink.rate_limit]\nper_second = {rate}\n");
     std::io::Write::write_all(&mut config, limit.as_bytes()).expect("append the rate limit");
-    let (events, truth) = shuffled_history(3 * RATE, 1, 0.0, 8);
+    let (events, truth) = shuffled_history(3 * rate, 1, 0.0, 8);
     world.publish(&events, truth).await;
     let _consumers: Vec<Process> = (0..4).map(|_| world.consumer("15s")).collect();
     world.wait_until_equal(Duration::from_secs(120)).await;
@@ -353,21 +370,33 @@ async fn consumer_processes_share_the_sinks_rate_limit() {
     let mut times: Vec<chrono::DateTime<chrono::Utc>> =
         world.client.log_all().await.expect("apisim log").into_iter().map(|w| w.at).collect();
     times.sort();
-    assert_eq!(times.len(), 3 * RATE, "one write per entity");
-    // The busiest one-second window: the GCRA admits `RATE` per second plus a burst of 1; the
+    assert_eq!(times.len(), 3 * rate, "one write per entity");
+    // The busiest one-second window: the GCRA admits `rate` per second plus a burst of 1; the
     // simulator stamps writes after the network, whose jitter can bunch a few admitted a
     // moment apart (2% plus 2 allowed for it).
     let busiest = (0..times.len())
         .map(|i| times[i..].iter().take_while(|t| **t - times[i] < chrono::TimeDelta::seconds(1)).count())
         .max()
         .unwrap_or(0);
-    assert!(busiest <= RATE + 1 + RATE / 50 + 2, "{busiest} writes within one second, limit {RATE}/s");
+    assert!(busiest <= rate + 1 + rate / 50 + 2, "{busiest} writes within one second, limit {rate}/s");
     // The writes went through the shared limiter (its Redis state, kept a minute past use).
     let mut redis = resync_testkit::redis_connection().await;
     let key = format!("{}:throttle:sync", world.namespace);
     assert!(resync_testkit::pttl(&mut redis, &key).await > 0, "no shared rate state at {key}");
     assert_no_stale_overwrite(&world).await;
     world.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_consumer_processes_share_the_sinks_rate_limit() {
+    consumer_processes_share_the_sinks_rate_limit("rabbitmq", 150).await;
+}
+
+/// A lower rate on the emulator, whose SQS delivers a few hundred messages a second at most:
+/// the limit, not the emulator, must be what paces the writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sns_sqs_consumer_processes_share_the_sinks_rate_limit() {
+    consumer_processes_share_the_sinks_rate_limit("sns-sqs", 50).await;
 }
 
 /// A third party that answers 429 (with Retry-After) well below the configured shared rate:
@@ -443,19 +472,25 @@ pub(crate) fn stale_writes(log: &[resync_apisim::LogEntry]) -> Vec<String> {
 /// take the entities over, and no write of an older version ever reaches the third party
 /// after a newer one. A consumer once retried after losing its lock and re-sent an older
 /// version over the newer one another consumer had just written.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn frozen_consumers_and_a_restarted_redis_never_write_an_older_version_over_a_newer_one() {
+async fn frozen_consumers_and_a_restarted_redis_never_write_an_older_version_over_a_newer_one(
+    kind: &'static str,
+    entities: usize,
+    versions: i64,
+    latency: Latency,
+) {
     let api = ApiConfig {
-        latency: Some(Latency::LogNormal { p50_ms: 20.0, p99_ms: 400.0 }),
+        latency: Some(latency),
         applied_then_timeout_rate: 0.02,
         // Past the sink's 2 s timeout: the write landed, the consumer sees a timeout.
         applied_then_timeout_delay_ms: 3_000,
         ..faulty_api(13)
     };
-    let mut world = World::new("rabbitmq", api).await;
+    let mut world = World::new(kind, api).await;
     let mut redis = resync_testkit::OwnRedis::start().await;
     world.redis_url = redis.url();
-    let (events, truth) = shuffled_history(200, 20, 0.1, 7);
+    let (events, truth) = shuffled_history(entities, versions, 0.1, 7);
+    // Freezes happen only while a fifth of the events still wait, so frozen processes hold locks.
+    let busy = (events.len() / 5) as u64;
     world.publish(&events, truth).await;
     // The shortest lease a 2 s sink timeout allows (a call starts only with its lease left).
     let consumers: Vec<Process> = (0..4).map(|_| world.consumer("5s")).collect();
@@ -463,8 +498,7 @@ async fn frozen_consumers_and_a_restarted_redis_never_write_an_older_version_ove
 
     let mut rounds = 0;
     for round in 0..6 {
-        // Only while there is work, so the frozen process holds locks.
-        if world.transport.queue_depth(&queue).await.expect("depth").ready < 200 {
+        if world.transport.queue_depth(&queue).await.expect("depth").ready < busy {
             break;
         }
         rounds += 1;
@@ -498,14 +532,37 @@ async fn frozen_consumers_and_a_restarted_redis_never_write_an_older_version_ove
     world.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_frozen_consumers_and_a_restarted_redis_never_write_an_older_version_over_a_newer_one() {
+    let latency = Latency::LogNormal { p50_ms: 20.0, p99_ms: 400.0 };
+    frozen_consumers_and_a_restarted_redis_never_write_an_older_version_over_a_newer_one(
+        "rabbitmq", 200, 20, latency,
+    )
+    .await;
+}
+
+/// On SQS a frozen consumer's messages stay invisible to the others until it wakes (their
+/// visibility outlasts the freeze), then it finds its locks gone. Fewer events on the emulator,
+/// and slow calls: consumers there spend much of their time waiting on ReceiveMessage, and a
+/// freeze must catch one with calls (hence locks) in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sns_sqs_frozen_consumers_and_a_restarted_redis_never_write_an_older_version_over_a_newer_one() {
+    let latency = Latency::Fixed { fixed_ms: 400.0 };
+    frozen_consumers_and_a_restarted_redis_never_write_an_older_version_over_a_newer_one(
+        "sns-sqs", 100, 12, latency,
+    )
+    .await;
+}
+
 fn signal(which: &str, pid: &str) {
     let status = Command::new("kill").args([which, pid]).status().expect("kill");
     assert!(status.success(), "kill {which} {pid} failed");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn poison_messages_reach_the_dead_letter_queue_with_their_reason_and_the_rest_flows() {
-    let mut world = World::new("rabbitmq", ApiConfig::default()).await;
+async fn poison_messages_reach_the_dead_letter_queue_with_their_reason_and_the_rest_flows(
+    kind: &'static str,
+) {
+    let mut world = World::new(kind, ApiConfig::default()).await;
     let (events, truth) = shuffled_history(50, 3, 0.0, 8);
     world.publish(&events, truth).await;
     let routing =
@@ -540,6 +597,16 @@ async fn poison_messages_reach_the_dead_letter_queue_with_their_reason_and_the_r
     assert_eq!(reasons, ["invalid-envelope"; 3]);
     let _ = subscription.close().await;
     world.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_poison_messages_reach_the_dead_letter_queue_with_their_reason_and_the_rest_flows() {
+    poison_messages_reach_the_dead_letter_queue_with_their_reason_and_the_rest_flows("rabbitmq").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sns_sqs_poison_messages_reach_the_dead_letter_queue_with_their_reason_and_the_rest_flows() {
+    poison_messages_reach_the_dead_letter_queue_with_their_reason_and_the_rest_flows("sns-sqs").await;
 }
 
 /// Valid events of types the service does not subscribe to (published to its queue by hand, or
@@ -626,13 +693,12 @@ async fn pause_and_resume_refuse_an_unknown_service() {
 
 /// SIGTERM: the consumer stops taking messages, finishes and acknowledges what it holds, and
 /// exits cleanly; a consumer started afterwards applies the rest, and nothing is lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_consumer_serves_health_and_metrics_and_drains_on_sigterm() {
-    // One second per call, 16 at a time: 600 events are over 30 s of work, so SIGTERM lands
-    // with most of it still queued however slow the checks before it are.
+async fn a_consumer_serves_health_and_metrics_and_drains_on_sigterm(kind: &'static str, entities: usize) {
+    // One second per call, 16 at a time: `entities` events are `entities / 16` seconds of
+    // work, so SIGTERM lands with most of it still queued however slow the checks before it are.
     let api = ApiConfig { latency: Some(Latency::Fixed { fixed_ms: 1000.0 }), ..ApiConfig::default() };
-    let mut world = World::new("rabbitmq", api).await;
-    let (events, truth) = shuffled_history(600, 1, 0.0, 9);
+    let mut world = World::new(kind, api).await;
+    let (events, truth) = shuffled_history(entities, 1, 0.0, 9);
     world.publish(&events, truth).await;
     let listen = free_port();
     let mut consumer = world.consumer_listening("15s", listen);
@@ -657,12 +723,12 @@ async fn a_consumer_serves_health_and_metrics_and_drains_on_sigterm() {
         assert!(metrics.lines().any(|l| l == line), "no `{line}` in\n{metrics}");
     }
     // The autoscaling signals (sampled every 200 ms here), with values that say something:
-    // most of the 600 events wait, some are being processed, at least one replica is wanted.
+    // most of the events wait, some are being processed, at least one replica is wanted.
     let queue = resync_bus::naming::queue_name(Some(&world.namespace), "sync", Stream::Live);
     let backlog = format!("resync_consumer_backlog{{queue=\"{queue}\"}}");
     eventually("autoscaling signals with values on /metrics", || async {
         let Some((_, m)) = get(listen, "/metrics").await else { return false };
-        let waiting = gauge(&m, &backlog).is_some_and(|v| v > 0.0 && v <= 600.0);
+        let waiting = gauge(&m, &backlog).is_some_and(|v| v > 0.0 && v <= entities as f64);
         let rate = gauge(&m, "resync_consumer_processing_rate").is_some_and(|v| v > 0.0);
         let replicas = gauge(&m, "resync_consumer_recommended_replicas").is_some_and(|v| v >= 1.0);
         waiting && rate && replicas
@@ -680,7 +746,10 @@ async fn a_consumer_serves_health_and_metrics_and_drains_on_sigterm() {
     };
     assert!(status.success(), "exit after SIGTERM: {status}\n{}", world.consumer_logs());
     let applied_at_exit = world.applied_writes().await;
-    assert!(applied_at_exit < 600, "SIGTERM came before the end of the work ({applied_at_exit} applied)");
+    assert!(
+        applied_at_exit < entities as u64,
+        "SIGTERM came before the end of the work ({applied_at_exit} applied)"
+    );
 
     let fast = resync_apisim::FaultsPatch { latency: Some(None), ..Default::default() };
     world.client.set_faults(&fast).await.expect("drop the latency");
@@ -696,6 +765,18 @@ async fn a_consumer_serves_health_and_metrics_and_drains_on_sigterm() {
     })
     .await;
     world.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_a_consumer_serves_health_and_metrics_and_drains_on_sigterm() {
+    a_consumer_serves_health_and_metrics_and_drains_on_sigterm("rabbitmq", 600).await;
+}
+
+/// On SQS the messages a consumer holds at SIGTERM are finished and deleted; the rest stay
+/// queued for the next consumer (fewer on the emulator: 25 s of work).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sns_sqs_a_consumer_serves_health_and_metrics_and_drains_on_sigterm() {
+    a_consumer_serves_health_and_metrics_and_drains_on_sigterm("sns-sqs", 400).await;
 }
 
 /// The value of a gauge on a Prometheus text page (`name` with its labels, if any).
@@ -1009,6 +1090,65 @@ async fn sns_sqs_a_direct_resync_job_completes_with_live_updates_flowing() {
 async fn sns_sqs_a_pause_live_resync_job_through_the_topic_completes() {
     let (rows, args) = (job_rows(2_000) / 5, &["--mode", "pause-live"]);
     a_resync_job_completes_once_its_sink_applied_every_row("sns-sqs", rows, args, false).await;
+}
+
+/// One job, two subscribing services with a sink each: it completes only once both applied
+/// every row. With the second service's consumer not started, the job stays `published` with
+/// nothing accounted for, although the first sink has every row; started, the second catches
+/// up, the job completes with both sinks holding every row, and `job verify` checks both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_for_two_sinks_completes_only_once_both_applied_every_row() {
+    let mut world = World::new("rabbitmq", ApiConfig::default()).await;
+    world.add_sink_service("search", "search_listing").await;
+    let (_, truth) = shuffled_history(300, 2, 0.0, 51);
+    world.seed(truth).await;
+    let _sync = world.consumer("15s");
+    let start = ["job", "start", "--entity", "listing", "--chunk-size", "100"];
+    let mut job = Process(world.resync().args(start).stdout(Stdio::null()).spawn().expect("job start"));
+
+    // Generous limits: hang guards for a loaded machine, not timing claims.
+    resync_testkit::poll_some(Duration::from_secs(120), "the first sink holding every row", || async {
+        let state = world.client.state().await.expect("apisim state");
+        compare("listing", &world.truth, &state).is_empty().then_some(())
+    })
+    .await;
+    resync_testkit::poll_some(Duration::from_secs(60), "the job published", || async {
+        (job_status(&world).await.as_deref() == Some("published")).then_some(())
+    })
+    .await;
+    let applied: i64 = sqlx::query_scalar(world.schema.sql("SELECT applied FROM {schema}.jobs"))
+        .fetch_one(&world.pool)
+        .await
+        .expect("job progress");
+    assert_eq!(applied, 0, "rows accounted for while the second sink has applied nothing");
+    assert!(job.0.try_wait().expect("job process").is_none(), "the job ended without the second sink");
+
+    let _search = world.consumer_of("search", "15s", "127.0.0.1:0".parse().expect("addr"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = job_exit(&mut job, &world, deadline) {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "resync job failed");
+    assert_eq!(job_status(&world).await.as_deref(), Some("completed"));
+    let state = world.client.state().await.expect("apisim state");
+    for entity_type in ["listing", "search_listing"] {
+        let missing = compare(entity_type, &world.truth, &state);
+        assert!(missing.is_empty(), "{entity_type}: completed without {} rows", missing.len());
+    }
+    let id: uuid::Uuid = sqlx::query_scalar(world.schema.sql("SELECT id FROM {schema}.jobs"))
+        .fetch_one(&world.pool)
+        .await
+        .expect("job id");
+    let verified = world.resync().args(["job", "verify", &id.to_string()]).output().expect("job verify");
+    let report = String::from_utf8_lossy(&verified.stdout);
+    assert!(verified.status.success(), "verify found drift: {report}");
+    for sink in ["sync", "search"] {
+        assert!(report.contains(&format!("{sink}: 300 entities checked, 0 drifting")), "{report}");
+    }
+    world.cleanup().await;
 }
 
 /// The job process's exit status once it exited; fails the test after `deadline`.
