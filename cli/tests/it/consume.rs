@@ -436,6 +436,38 @@ async fn real_429s_cut_the_shared_rate_and_every_event_still_arrives() {
     world.cleanup().await;
 }
 
+/// The third party down for a few seconds mid-stream (every write answered 503): the consumers
+/// retry and requeue, and once it is back every entity reaches its newest version; nothing is
+/// dead-lettered and no older version lands over a newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_party_down_for_seconds_mid_stream_loses_and_dead_letters_nothing() {
+    // 100 ms calls: the 1,200 events take seconds, so the outage meets most of them.
+    let api = ApiConfig { latency: Some(Latency::Fixed { fixed_ms: 100.0 }), ..ApiConfig::default() };
+    let mut world = World::new("rabbitmq", api).await;
+    let (events, truth) = shuffled_history(400, 3, 0.1, 14);
+    world.publish(&events, truth).await;
+    let _consumers: Vec<Process> = (0..2).map(|_| world.consumer("15s")).collect();
+    // Down once a tenth of the work is done: events are in flight and most still queued.
+    resync_testkit::poll_some(Duration::from_secs(120), "a tenth of the writes applied", || async {
+        (world.applied_writes().await >= 120).then_some(())
+    })
+    .await;
+    let outage = resync_apisim::FaultsPatch {
+        outage: Some(resync_apisim::OutageNow { for_ms: 5_000 }),
+        ..Default::default()
+    };
+    world.client.set_faults(&outage).await.expect("start the outage");
+
+    world.wait_until_equal(Duration::from_secs(180)).await;
+    let stats = world.client.stats().await.expect("apisim stats");
+    assert!(stats.status(503) > 0, "no write met the outage: the test proved nothing");
+    let queue = resync_bus::naming::queue_name(Some(&world.namespace), "sync", Stream::Live);
+    let dlq = world.transport.queue_depth(&resync_bus::dead_letter_queue_name(&queue)).await.expect("dlq");
+    assert_eq!(dlq.ready, 0, "an outage of seconds is waited out, never dead-lettered");
+    assert_no_stale_overwrite(&world).await;
+    world.cleanup().await;
+}
+
 /// The sum of every series of a metric on a Prometheus text page (`None`: no series).
 fn sum_of(metrics: &str, name: &str) -> Option<f64> {
     metrics
