@@ -573,19 +573,6 @@ async fn rabbitmq_frozen_consumers_and_a_restarted_redis_never_write_an_older_ve
     .await;
 }
 
-/// On SQS a frozen consumer's messages stay invisible to the others until it wakes (their
-/// visibility outlasts the freeze), then it finds its locks gone. Fewer events on the emulator,
-/// and slow calls: consumers there spend much of their time waiting on ReceiveMessage, and a
-/// freeze must catch one with calls (hence locks) in flight.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sns_sqs_frozen_consumers_and_a_restarted_redis_never_write_an_older_version_over_a_newer_one() {
-    let latency = Latency::Fixed { fixed_ms: 400.0 };
-    frozen_consumers_and_a_restarted_redis_never_write_an_older_version_over_a_newer_one(
-        "sns-sqs", 100, 12, latency,
-    )
-    .await;
-}
-
 fn signal(which: &str, pid: &str) {
     let status = Command::new("kill").args([which, pid]).status().expect("kill");
     assert!(status.success(), "kill {which} {pid} failed");
