@@ -324,7 +324,8 @@ pub(crate) async fn transition(
 }
 
 /// Sets the status of a job that is `from`, with `error` recorded (or kept, if `None`), and
-/// `finished_at` when `finished`; returns whether it was `from`. For the runner's own moves.
+/// `finished_at` stamped when it becomes `published` (every row sent: the runner's end);
+/// returns whether it was `from`. For the runner's and completion's own moves.
 pub(crate) async fn set_status_if(
     executor: impl sqlx::PgExecutor<'_>,
     schema: &Schema,
