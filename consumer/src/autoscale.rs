@@ -10,6 +10,8 @@ use resync_bus::Transport;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use resync_throttle::SharedCircuit;
+
 use crate::sink::throttled::ThrottledSink;
 use crate::{Outcome, Tally};
 
@@ -46,6 +48,9 @@ pub struct Autoscaler {
     pub queues: Vec<String>,
     pub tally: Arc<Tally>,
     pub sink: Arc<ThrottledSink>,
+    /// While the sink's circuit is open the backlog grows and nothing is processed: the
+    /// recommendation then stays where it was (more replicas would only wait too).
+    pub circuit: Option<SharedCircuit>,
     pub interval: Duration,
     pub drain_target: Duration,
 }
@@ -66,6 +71,7 @@ impl Autoscaler {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut last = processed(&self.tally);
         let mut peak: f64 = 0.0;
+        let mut recommended = 1;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -74,19 +80,27 @@ impl Autoscaler {
             let now = processed(&self.tally);
             let rate = (now - last) as f64 / self.interval.as_secs_f64();
             last = now;
-            peak = rate.max(peak * PEAK_DECAY);
             let backlog = self.backlog().await;
             let sink_capacity = self.sink.current_rate().await;
-            let inputs =
-                Inputs { backlog, per_replica: peak, sink_capacity, drain_target: self.drain_target };
-            let recommended = recommended_replicas(&inputs);
+            let held = self.circuit_open().await;
+            if !held {
+                peak = rate.max(peak * PEAK_DECAY);
+                let inputs =
+                    Inputs { backlog, per_replica: peak, sink_capacity, drain_target: self.drain_target };
+                recommended = recommended_replicas(&inputs);
+            }
             metrics::gauge!("resync_consumer_processing_rate").set(rate);
             if let Some(capacity) = sink_capacity {
                 metrics::gauge!("resync_sink_estimated_capacity").set(capacity);
             }
             metrics::gauge!("resync_consumer_recommended_replicas").set(f64::from(recommended));
-            debug!(backlog, rate, peak, ?sink_capacity, recommended, "autoscaling signals");
+            debug!(backlog, rate, peak, ?sink_capacity, recommended, held, "autoscaling signals");
         }
+    }
+
+    async fn circuit_open(&self) -> bool {
+        let Some(circuit) = &self.circuit else { return false };
+        circuit.is_open().await.unwrap_or_else(|_| circuit.state() != resync_throttle::CircuitState::Closed)
     }
 
     /// Ready plus in-flight messages over the queues; a queue that cannot be read counts 0

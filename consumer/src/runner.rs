@@ -85,6 +85,8 @@ const BATCH_LINGER: Duration = Duration::from_millis(2);
 const BACKLOG_LINGER: Duration = Duration::from_millis(250);
 /// Longest wait for messages in one poll, so pause and shutdown are noticed promptly.
 const POLL_WAIT: Duration = Duration::from_millis(500);
+/// How often a queue loop holding for the sink's open circuit looks again.
+const CIRCUIT_POLL: Duration = Duration::from_millis(250);
 
 impl Consumer {
     pub fn new(
@@ -133,6 +135,7 @@ impl Consumer {
                 stream: *stream,
                 queue: queue.clone(),
                 prefetch: self.config.prefetch,
+                concurrency: self.config.concurrency.max(1),
                 batch_size: self.config.batch_size.max(1),
                 pause_poll: self.config.pause_poll,
                 grace: self.config.shutdown_grace,
@@ -168,6 +171,8 @@ struct QueueLoop {
     stream: Stream,
     queue: String,
     prefetch: u16,
+    /// Events in flight at most over the process (the size of `permits`).
+    concurrency: usize,
     batch_size: usize,
     pause_poll: Duration,
     grace: Duration,
@@ -181,6 +186,7 @@ impl QueueLoop {
         let mut paused = false;
         let mut last_pause_check: Option<tokio::time::Instant> = None;
         let mut last_poll = LastPoll::Full;
+        let mut holding = false;
         // Processing slots this queue's batches in flight hold (they come back as batches end).
         let held = Arc::new(AtomicUsize::new(0));
         let result = loop {
@@ -220,8 +226,18 @@ impl QueueLoop {
                     Err(source) => break Err(ConsumerError::Queue { queue: self.queue.clone(), source }),
                 },
             };
-            let Some(taken) = take_permits(&permits, &shutdown, self.batch_size, last_poll, &held).await
-            else {
+            let batch_size = match self.circuit_limit(&permits, &mut holding).await {
+                Some(0) => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(CIRCUIT_POLL) => {}
+                    }
+                    continue;
+                }
+                Some(limit) => limit,
+                None => self.batch_size,
+            };
+            let Some(taken) = take_permits(&permits, &shutdown, batch_size, last_poll, &held).await else {
                 continue;
             };
             match open.next_batch(taken.len(), POLL_WAIT).await {
@@ -279,6 +295,27 @@ impl QueueLoop {
                 break;
             }
         }
+    }
+
+    /// How many messages the loop may take while the sink's circuit is open (`None`: closed, no
+    /// limit). None while this process already holds events (they wait, and probe when it is
+    /// their turn): messages left in the queue spend none of their deliveries. One when it
+    /// holds none, so that some process has an event to probe with.
+    async fn circuit_limit(&self, permits: &Semaphore, holding: &mut bool) -> Option<usize> {
+        let open = self.processor.circuit_refreshed_open().await;
+        if open != *holding {
+            *holding = open;
+            if open {
+                warn!(queue = %self.queue, "sink circuit open: taking no new messages until the third party answers");
+            } else {
+                info!(queue = %self.queue, "sink circuit closed: taking messages again");
+            }
+        }
+        if !open {
+            return None;
+        }
+        let in_flight = permits.available_permits() < self.concurrency;
+        Some(if in_flight { 0 } else { 1 })
     }
 
     /// Reads the pause flag; on a database error keeps the last known state.

@@ -9,7 +9,10 @@ use resync_bus::Transport;
 use resync_locks::{LockConfig, LockError, Locker};
 use resync_migrations::Schema;
 
-use resync_throttle::{AdaptiveConcurrency, ConcurrencyConfig, RateLimiterConfig, SharedRateLimiter};
+use resync_throttle::{
+    AdaptiveConcurrency, CircuitConfig, ConcurrencyConfig, RateLimiterConfig, SharedCircuit,
+    SharedRateLimiter,
+};
 
 use crate::autoscale::Autoscaler;
 use crate::sink::Sink;
@@ -73,6 +76,35 @@ pub enum BuildError {
     LeaseTooShort { file: std::path::PathBuf, timeout: Duration, lease: Duration, needed: Duration },
     #[error("{file}: [sink.rate_limit]: {source}", file = .file.display())]
     Throttle { file: std::path::PathBuf, source: resync_throttle::ThrottleError },
+    #[error("{file}: [sink.circuit]: {source}", file = .file.display())]
+    Circuit { file: std::path::PathBuf, source: resync_throttle::ThrottleError },
+}
+
+/// The sink's circuit breaker, shared through Redis by every consumer of the sink (`None`:
+/// `[sink.circuit] enabled = false`).
+pub async fn sink_circuit(
+    service: &ServiceConfig,
+    sink: &dyn Sink,
+    runtime: &Runtime,
+) -> Result<Option<SharedCircuit>, BuildError> {
+    let spec = service.sink.as_ref().map(|s| s.circuit).unwrap_or_default();
+    if !spec.enabled {
+        return Ok(None);
+    }
+    let config = CircuitConfig {
+        key_prefix: runtime.namespace.clone().unwrap_or_else(|| "resync".into()),
+        sink: sink.name().to_string(),
+        failure_threshold: spec.failure_threshold,
+        min_probe_interval: spec.min_probe_interval,
+        max_probe_interval: spec.max_probe_interval,
+        // A probe outlives its call's timeout before another process may probe instead.
+        probe_lease: sink.call_timeout().unwrap_or(Duration::from_secs(10)) + Duration::from_secs(5),
+        ..CircuitConfig::default()
+    };
+    let circuit = SharedCircuit::connect(&runtime.redis_url, config)
+        .await
+        .map_err(|source| BuildError::Circuit { file: service.source_file.clone(), source })?;
+    Ok(Some(circuit))
 }
 
 /// The HTTP sink a service's `[sink]` section describes.
@@ -152,15 +184,21 @@ pub async fn build_with_autoscaler(
     let Some((_, first)) = queues.first() else {
         return Err(BuildError::NoQueues { service: service.name.clone() });
     };
-    let retry = RetryPolicy { max_receive_count: first.max_receive_count, ..RetryPolicy::default() };
+    let circuit = sink_circuit(service, sink.as_ref(), runtime).await?;
+    let max_hold = service.sink.as_ref().map(|s| s.circuit.max_hold).unwrap_or_default();
+    let retry =
+        RetryPolicy { max_receive_count: first.max_receive_count, max_hold, ..RetryPolicy::default() };
     let db = Db::connect(&runtime.database_url, runtime.db_pool_size, runtime.db_pooling).await?;
     let locker = Locker::connect(&runtime.redis_url, runtime.lock.clone()).await?;
     let lock_prefix = runtime.namespace.as_ref().map(|ns| format!("{ns}:")).unwrap_or_default();
     let store = AppliedStore::new(db.clone(), runtime.schema.clone());
     let subscribed: Vec<_> =
         queues.iter().map(|(stream, _)| (*stream, service.subscribed(*stream))).collect();
-    let processor =
+    let mut processor =
         Processor::new(store, locker, sink.clone(), retry, lock_prefix).only_subscribed(subscribed);
+    if let Some(circuit) = circuit.clone() {
+        processor = processor.with_circuit(circuit);
+    }
     let mut config = ConsumerConfig::new(
         service.name.clone(),
         queues.into_iter().map(|(stream, q)| (stream, q.name)).collect(),
@@ -173,6 +211,7 @@ pub async fn build_with_autoscaler(
         queues: config.queues.iter().map(|(_, queue)| queue.clone()).collect(),
         tally: processor.tally(),
         sink,
+        circuit,
         interval: Duration::from_secs(5),
         drain_target: Duration::from_secs(60),
     };

@@ -25,12 +25,15 @@ pub struct SinkWrite<'a> {
 pub enum SinkError {
     /// Worth retrying: 429, 5xx, a timeout, a connection error. `retry_after` is the third
     /// party's own hint, honoured over the backoff when longer.
+    /// `outage`: the third party was called and looks down (connection error, timeout, 5xx,
+    /// 408, 425); false when the call never reached it (our own shared rate limit's Redis
+    /// was unavailable).
     #[error("transient sink failure: {reason}")]
-    Transient { reason: String, retry_after: Option<Duration> },
+    Transient { reason: String, retry_after: Option<Duration>, outage: bool },
     /// The third party says it is overloaded (429, 503): retried like `Transient`, and a signal
     /// to send less (the shared rate and the adaptive concurrency go down).
     #[error("sink overloaded: {reason}")]
-    Overloaded { reason: String, retry_after: Option<Duration> },
+    Overloaded { status: u16, reason: String, retry_after: Option<Duration> },
     /// The third party refused the write for good (a 4xx other than 408/425/429); the event
     /// goes to the dead-letter queue with this status and body.
     #[error("sink rejected the write with status {status}: {body}")]
@@ -40,6 +43,17 @@ pub enum SinkError {
 impl SinkError {
     pub fn is_transient(&self) -> bool {
         matches!(self, SinkError::Transient { .. } | SinkError::Overloaded { .. })
+    }
+
+    /// The third party looks down rather than busy: no connection, no answer in time, or a
+    /// 5xx (503 included). These count towards opening the sink's circuit; a 429 does not
+    /// (the rate limit's business), nor does our own infrastructure failing.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            SinkError::Transient { outage, .. } => *outage,
+            SinkError::Overloaded { status, .. } => *status >= 500,
+            SinkError::Rejected { .. } => false,
+        }
     }
 
     pub fn retry_after(&self) -> Option<Duration> {

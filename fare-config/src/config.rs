@@ -200,6 +200,37 @@ pub struct SinkSpec {
     pub timeout: Duration,
     /// A rate shared by every consumer of this sink (through Redis).
     pub rate_limit: Option<RateLimitSpec>,
+    /// When to stop calling a third party that is down, and how to find out it is back.
+    pub circuit: CircuitSpec,
+}
+
+/// The sink's circuit breaker, shared by every consumer of the sink through Redis.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CircuitSpec {
+    /// Off: every event retries on its own (and is dead-lettered after its deliveries).
+    pub enabled: bool,
+    /// Outage failures in a row (connection errors, timeouts, 5xx), over every consumer, that
+    /// open the circuit.
+    pub failure_threshold: u32,
+    /// The wait before the first probe once open; it doubles after each failed probe...
+    pub min_probe_interval: Duration,
+    /// ...up to this.
+    pub max_probe_interval: Duration,
+    /// How long an event already taken waits for an open circuit before it goes back to its
+    /// queue (which spends one of its deliveries).
+    pub max_hold: Duration,
+}
+
+impl Default for CircuitSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            failure_threshold: 10,
+            min_probe_interval: Duration::from_secs(1),
+            max_probe_interval: Duration::from_secs(60),
+            max_hold: Duration::from_secs(20 * 60),
+        }
+    }
 }
 
 /// The third party's rate limit, shared by all consumers of a sink, however many run.
@@ -344,6 +375,26 @@ struct SinkFile {
     timeout: Option<String>,
     /// The third party's rate limit, shared by every consumer of this sink through Redis.
     rate_limit: Option<RateLimitFile>,
+    /// When to stop calling a third party that is down (on by default).
+    circuit: Option<CircuitFile>,
+}
+
+/// `[sink.circuit]`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct CircuitFile {
+    /// Hold every consumer of the sink while the third party is down (default true).
+    enabled: Option<bool>,
+    /// Outage failures in a row, over every consumer, that open the circuit (default 10).
+    failure_threshold: Option<u32>,
+    /// The wait before the first probe, e.g. `1s` (default); doubles after each failed probe.
+    min_probe_interval: Option<String>,
+    /// The longest wait between probes, e.g. `60s` (default).
+    max_probe_interval: Option<String>,
+    /// How long an event already taken waits for the circuit before it goes back to its
+    /// queue, spending one delivery, e.g. `20m` (default; RabbitMQ's `consumer_timeout` is
+    /// 30 minutes by default, SQS allows up to 12 hours).
+    max_hold: Option<String>,
 }
 
 /// `[sink.rate_limit]`.
@@ -707,6 +758,7 @@ fn validate_sink(file: &Path, raw: SinkFile) -> Result<SinkSpec, ConfigError> {
         }
     };
     let rate_limit = raw.rate_limit.map(|r| validate_rate_limit(file, r)).transpose()?;
+    let circuit = raw.circuit.map(|c| validate_circuit(file, c)).transpose()?.unwrap_or_default();
     Ok(SinkSpec {
         name: raw.name,
         url: raw.url,
@@ -715,7 +767,50 @@ fn validate_sink(file: &Path, raw: SinkFile) -> Result<SinkSpec, ConfigError> {
         headers: raw.headers,
         timeout,
         rate_limit,
+        circuit,
     })
+}
+
+fn validate_circuit(file: &Path, raw: CircuitFile) -> Result<CircuitSpec, ConfigError> {
+    let defaults = CircuitSpec::default();
+    let duration = |key: &str, text: Option<String>, default: Duration, max: Duration| match text {
+        None => Ok(default),
+        Some(text) => {
+            parse_duration(file, &format!("sink.circuit.{key}"), &text, Duration::from_millis(1), max)
+        }
+    };
+    let day = Duration::from_secs(24 * 3600);
+    let spec = CircuitSpec {
+        enabled: raw.enabled.unwrap_or(defaults.enabled),
+        failure_threshold: raw.failure_threshold.unwrap_or(defaults.failure_threshold),
+        min_probe_interval: duration(
+            "min_probe_interval",
+            raw.min_probe_interval,
+            defaults.min_probe_interval,
+            day,
+        )?,
+        max_probe_interval: duration(
+            "max_probe_interval",
+            raw.max_probe_interval,
+            defaults.max_probe_interval,
+            day,
+        )?,
+        max_hold: duration("max_hold", raw.max_hold, defaults.max_hold, Duration::from_secs(12 * 3600))?,
+    };
+    if spec.failure_threshold == 0 {
+        return Err(invalid(file, "sink.circuit.failure_threshold", "0: expected at least 1"));
+    }
+    if spec.max_probe_interval < spec.min_probe_interval {
+        return Err(invalid(
+            file,
+            "sink.circuit.max_probe_interval",
+            format!(
+                "{:?}: expected at least min_probe_interval ({:?})",
+                spec.max_probe_interval, spec.min_probe_interval
+            ),
+        ));
+    }
+    Ok(spec)
 }
 
 fn validate_rate_limit(file: &Path, raw: RateLimitFile) -> Result<RateLimitSpec, ConfigError> {
@@ -877,6 +972,32 @@ publishes = ["listing.created", "listing.updated", "listing.deleted"]
         let sink = service.sink.expect("sink");
         assert_eq!((sink.method.as_str(), sink.delete_method.as_str()), ("PUT", "DELETE"));
         assert_eq!(service.consumer, ConsumerSpec::default());
+    }
+
+    #[test]
+    fn the_circuit_is_on_by_default_and_its_bad_settings_name_their_key() {
+        let sink = load_str("c.toml", CHANNEL_SYNC).expect("valid").sink.expect("sink");
+        assert_eq!(sink.circuit, CircuitSpec::default());
+        let with = |table: &str| format!("{CHANNEL_SYNC}[sink.circuit]\n{table}\n");
+        let sink = load_str(
+            "c.toml",
+            &with("failure_threshold = 3\nmax_probe_interval = \"5s\"\nmax_hold = \"2h\""),
+        )
+        .expect("valid")
+        .sink
+        .expect("sink");
+        assert_eq!(sink.circuit.failure_threshold, 3);
+        assert_eq!(sink.circuit.max_probe_interval, Duration::from_secs(5));
+        assert_eq!(sink.circuit.max_hold, Duration::from_secs(7200));
+        for (table, key) in [
+            ("failure_threshold = 0", "sink.circuit.failure_threshold"),
+            ("min_probe_interval = \"10s\"\nmax_probe_interval = \"1s\"", "sink.circuit.max_probe_interval"),
+            ("max_hold = \"13h\"", "sink.circuit.max_hold"),
+            ("probe_every = \"1s\"", "unknown field `probe_every`"),
+        ] {
+            let err = error(&with(table));
+            assert!(err.contains(key), "{table}: {err}");
+        }
     }
 
     #[test]

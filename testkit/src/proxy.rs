@@ -2,6 +2,7 @@
 //! service going away (connections reset, new ones refused) without stopping it for everyone.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -12,6 +13,8 @@ pub struct TcpProxy {
     addr: SocketAddr,
     /// Cancelled on `cut`: ends every proxied connection of the current generation.
     generation: Arc<Mutex<Option<CancellationToken>>>,
+    /// Connections refused while down: what the service would have seen as calls.
+    refused: Arc<AtomicU64>,
     accept_loop: JoinHandle<()>,
 }
 
@@ -21,8 +24,14 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy port");
         let addr = listener.local_addr().expect("proxy address");
         let generation = Arc::new(Mutex::new(Some(CancellationToken::new())));
-        let accept_loop = tokio::spawn(accept(listener, target, generation.clone()));
-        Self { addr, generation, accept_loop }
+        let refused = Arc::new(AtomicU64::new(0));
+        let accept_loop = tokio::spawn(accept(listener, target, generation.clone(), refused.clone()));
+        Self { addr, generation, refused, accept_loop }
+    }
+
+    /// Connections refused so far while the service was "down".
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::SeqCst)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -69,10 +78,12 @@ async fn accept(
     listener: TcpListener,
     target: SocketAddr,
     generation: Arc<Mutex<Option<CancellationToken>>>,
+    refused: Arc<AtomicU64>,
 ) {
     while let Ok((inbound, _)) = listener.accept().await {
         let token = generation.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(token) = token else {
+            refused.fetch_add(1, Ordering::SeqCst);
             drop(inbound); // down: refuse
             continue;
         };

@@ -1,8 +1,10 @@
 //! The one error type of the crate, with variants a caller can act on.
 
+use std::future::Future;
 use std::time::Duration;
 
-use redis::RedisError;
+use redis::{RedisError, RedisResult};
+use tokio::time::timeout;
 
 /// Everything that can go wrong configuring a limiter or talking to Redis about it.
 #[derive(Debug, thiserror::Error)]
@@ -10,7 +12,7 @@ use redis::RedisError;
 pub enum ThrottleError {
     /// Redis could not be reached or dropped the connection. Transient: retry later, or decide
     /// whether the sink may be called without the shared limit (the consumer's choice).
-    #[error("redis unavailable during {op} of rate limit {key:?}: {source}")]
+    #[error("redis unavailable during {op} of {key:?}: {source}")]
     Unavailable {
         op: &'static str,
         key: String,
@@ -19,12 +21,12 @@ pub enum ThrottleError {
     },
 
     /// Redis did not answer within `op_timeout`. Transient: retry later.
-    #[error("no reply from redis within {limit:?} during {op} of rate limit {key:?}")]
+    #[error("no reply from redis within {limit:?} during {op} of {key:?}")]
     NoReply { op: &'static str, key: String, limit: Duration },
 
     /// Redis answered with an error that retrying will not fix (permissions, the key holding
     /// another type, a script error).
-    #[error("redis rejected {op} of rate limit {key:?}: {source}")]
+    #[error("redis rejected {op} of {key:?}: {source}")]
     Redis {
         op: &'static str,
         key: String,
@@ -55,5 +57,19 @@ impl ThrottleError {
         } else {
             ThrottleError::Redis { op, key, source }
         }
+    }
+}
+
+/// Every Redis call of the crate goes through here, so none can wait longer than `limit`.
+pub(crate) async fn bounded<T>(
+    op: &'static str,
+    key: &str,
+    limit: Duration,
+    call: impl Future<Output = RedisResult<T>>,
+) -> Result<T, ThrottleError> {
+    match timeout(limit, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(ThrottleError::from_redis(op, key, e)),
+        Err(_) => Err(ThrottleError::NoReply { op, key: key.to_owned(), limit }),
     }
 }

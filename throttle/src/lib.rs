@@ -1,6 +1,6 @@
 //! `resync-throttle`: lets hundreds of consumer processes share one third party's rate limit.
 //!
-//! Owns two primitives a consumer wraps around every sink call:
+//! Owns three primitives a consumer wraps around every sink call:
 //!
 //! - [`SharedRateLimiter`]: the sink's request rate, shared by every process through one Redis
 //!   hash. A GCRA limiter (one Lua script call per request, Redis `TIME` as the common clock)
@@ -8,12 +8,17 @@
 //!   multiplicatively when the third party answers 429/503, at most once per cooldown no
 //!   matter how many processes report, and it grows back linearly to `max_rate`. A
 //!   Retry-After becomes a hold that every process's next slot waits for.
+//! - [`SharedCircuit`]: the sink's circuit breaker, shared by every process through another
+//!   Redis hash. A run of outage failures opens it; one probe at a time across the fleet,
+//!   with growing intervals, closes it again, and every process resumes within a second.
 //! - [`AdaptiveConcurrency`]: how many calls this process keeps in flight to the sink, found
 //!   by AIMD on overload answers and latency, in memory (no Redis).
 //!
-//! Metrics (through the `metrics` facade, label `sink`): gauges `resync_sink_rate_limit` and
-//! `resync_sink_concurrency_limit`, histogram `resync_sink_rate_wait_seconds`, counter
-//! `resync_sink_throttled_total`.
+//! Metrics (through the `metrics` facade, label `sink`): gauges `resync_sink_rate_limit`,
+//! `resync_sink_concurrency_limit`, `resync_sink_circuit_state` (0 closed, 1 open, 2
+//! half-open) and `resync_sink_circuit_open_seconds`; counters `resync_sink_throttled_total`
+//! and `resync_sink_circuit_transitions_total` (label `to`); histogram
+//! `resync_sink_rate_wait_seconds`.
 //!
 //! Does not own: calling the sink, classifying its answers, retries and backoff, or what to do
 //! when Redis is unreachable (fail closed, or send without the shared limit): the consumer
@@ -48,12 +53,14 @@
 //! # Ok(()) }
 //! ```
 
+mod circuit;
 mod concurrency;
 mod config;
 mod error;
 mod rate;
 mod scripts;
 
+pub use circuit::{CircuitConfig, CircuitState, Gate, SharedCircuit};
 pub use concurrency::{AdaptiveConcurrency, ConcurrencyConfig, ConcurrencyPermit, Outcome};
 pub use config::RateLimiterConfig;
 pub use error::ThrottleError;

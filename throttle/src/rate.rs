@@ -1,15 +1,15 @@
 //! [`SharedRateLimiter`]: one sink's request rate, shared by every process through Redis.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
 use redis::aio::ConnectionManager;
-use redis::{FromRedisValue, RedisResult, Script};
-use tokio::time::{Instant, sleep, timeout};
+use redis::{FromRedisValue, Script};
+use tokio::time::{Instant, sleep};
 use tracing::{debug, info, instrument, warn};
 
+use crate::error::bounded;
 use crate::scripts::Scripts;
 use crate::{RateLimiterConfig, ThrottleError};
 use resync_locks::redis_conn;
@@ -183,21 +183,7 @@ impl SharedRateLimiter {
             .arg(micros(config.idle_ttl))
             .arg(extra);
         let mut conn = self.inner.conn.clone();
-        self.bounded(op, invocation.invoke_async(&mut conn)).await
-    }
-
-    /// Every Redis call goes through here, so none can wait longer than `op_timeout`.
-    async fn bounded<T>(
-        &self,
-        op: &'static str,
-        call: impl Future<Output = RedisResult<T>>,
-    ) -> Result<T, ThrottleError> {
-        let limit = self.inner.config.op_timeout;
-        match timeout(limit, call).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(ThrottleError::from_redis(op, &self.inner.key, e)),
-            Err(_) => Err(ThrottleError::NoReply { op, key: self.inner.key.clone(), limit }),
-        }
+        bounded(op, &self.inner.key, config.op_timeout, invocation.invoke_async(&mut conn)).await
     }
 
     fn publish_rate(&self, rate: f64) {

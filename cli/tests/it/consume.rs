@@ -39,6 +39,17 @@ struct World {
 
 impl World {
     async fn new(kind: &'static str, faults: ApiConfig) -> Self {
+        Self::with_sync(kind, faults, 20, "").await
+    }
+
+    /// A world whose `sync` queues dead-letter after `max_receive_count` deliveries, with
+    /// `sink_extra` (TOML tables such as `[sink.circuit]`) appended to its config.
+    async fn with_sync(
+        kind: &'static str,
+        faults: ApiConfig,
+        max_receive_count: u32,
+        sink_extra: &str,
+    ) -> Self {
         let namespace = unique_name("e2e");
         let schema = Schema::new(namespace.replace('-', "_")).expect("schema");
         let api = resync_apisim::start(faults).await.expect("start apisim");
@@ -55,9 +66,9 @@ impl World {
         std::fs::write(
             config_dir.join("sync.toml"),
             format!(
-                "name = \"sync\"\n[[subscriptions]]\ntypes = [\"listing.*\"]\nmax_receive_count = 20\n\
+                "name = \"sync\"\n[[subscriptions]]\ntypes = [\"listing.*\"]\nmax_receive_count = {max_receive_count}\n\
                  [sink]\nurl = \"{}/entities/listing/{{entity_id}}\"\ntimeout = \"2s\"\n\
-                 [consumer]\nconcurrency = 16\nprefetch = 16\nbatch_size = 16\n",
+                 [consumer]\nconcurrency = 16\nprefetch = 16\nbatch_size = 16\n{sink_extra}",
                 api.url()
             ),
         )
@@ -108,6 +119,15 @@ impl World {
         let catalog = fare_config::load_dir(&self.config_dir).expect("valid config");
         self.topology = Topology::desired(&catalog, Some(&self.namespace));
         fare_config::apply(self.transport.as_ref(), &self.topology).await.expect("fare apply");
+    }
+
+    /// Sends `sync`'s sink calls through `proxy` (for consumers started afterwards).
+    fn route_sink_through(&self, proxy: &resync_testkit::proxy::TcpProxy) {
+        let path = self.config_dir.join("sync.toml");
+        let config = std::fs::read_to_string(&path).expect("read config");
+        let routed = config.replace(&self.api.url(), &proxy.url(&self.api.url()));
+        assert_ne!(routed, config, "the sink's URL names the simulator");
+        std::fs::write(&path, routed).expect("write config");
     }
 
     /// Writes the truth to the source table and publishes the history to the live topic.
@@ -466,6 +486,138 @@ async fn a_third_party_down_for_seconds_mid_stream_loses_and_dead_letters_nothin
     assert_eq!(dlq.ready, 0, "an outage of seconds is waited out, never dead-lettered");
     assert_no_stale_overwrite(&world).await;
     world.cleanup().await;
+}
+
+/// How the third party is down in an outage test.
+#[derive(Debug, Clone, Copy)]
+enum Down {
+    /// Connections refused (a TCP proxy in front of the simulator, cut).
+    Refusing,
+    /// Every write answered 503 (the simulator's own outage).
+    Answering503,
+}
+
+/// The outage of the circuit tests: twice what an event's retries and deliveries last without
+/// the circuit (3 deliveries of 6 calls with backoff: about 10 s, then the dead-letter queue).
+const LONG_OUTAGE: Duration = Duration::from_secs(20);
+const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Four consumers with live events in flight and the third party down for longer than every
+/// retry and delivery of an event would last: the sink's shared circuit holds the fleet, at
+/// most one call per probe interval reaches the third party, and once it is back every event
+/// arrives, nothing dead-lettered and no older version written over a newer one. With
+/// `[sink.circuit] enabled = false` the same run dead-letters events.
+async fn a_third_party_down_longer_than_every_retry_holds_the_fleet_and_dead_letters_nothing(
+    kind: &'static str,
+    down: Down,
+    entities: usize,
+) {
+    let api = ApiConfig { latency: Some(Latency::Fixed { fixed_ms: 20.0 }), ..ApiConfig::default() };
+    let circuit = format!(
+        "[sink.circuit]\nfailure_threshold = 5\nmin_probe_interval = \"{}ms\"\nmax_probe_interval = \"1s\"\n",
+        MIN_PROBE_INTERVAL.as_millis()
+    );
+    let mut world = World::with_sync(kind, api, 3, &circuit).await;
+    let proxy = resync_testkit::proxy::TcpProxy::start(world.api.addr()).await;
+    world.route_sink_through(&proxy);
+    let (events, truth) = shuffled_history(entities, 3, 0.0, 21);
+    world.publish(&events, truth).await;
+    let _consumers: Vec<Process> = (0..4).map(|_| world.consumer("15s")).collect();
+    resync_testkit::poll_some(Duration::from_secs(120), "a tenth of the writes applied", || async {
+        (world.applied_writes().await >= (entities as u64 * 3) / 10).then_some(())
+    })
+    .await;
+
+    let calls_while_down = async || match down {
+        Down::Refusing => proxy.refused(),
+        Down::Answering503 => world.client.stats().await.expect("apisim stats").status(503),
+    };
+    match down {
+        Down::Refusing => proxy.cut(),
+        Down::Answering503 => {
+            let outage = resync_apisim::FaultsPatch {
+                outage: Some(resync_apisim::OutageNow { for_ms: LONG_OUTAGE.as_millis() as u64 }),
+                ..Default::default()
+            };
+            world.client.set_faults(&outage).await.expect("start the outage");
+        }
+    }
+    let down_at = tokio::time::Instant::now();
+    // The outage's length is the fault under test, not a wait for a condition. Its first
+    // seconds open the circuit (calls in flight fail); from then on only probes get through.
+    let settled = Duration::from_secs(5);
+    tokio::time::sleep(settled).await;
+    let (window_start, calls_before) = (tokio::time::Instant::now(), calls_while_down().await);
+    tokio::time::sleep_until(down_at + LONG_OUTAGE - Duration::from_secs(1)).await;
+    let (window, calls_during) = (window_start.elapsed(), calls_while_down().await - calls_before);
+    if let Down::Refusing = down {
+        proxy.restore();
+    }
+    tokio::time::sleep_until(down_at + LONG_OUTAGE).await;
+    let (up_at, applied_when_up) = (tokio::time::Instant::now(), world.applied_writes().await);
+    resync_testkit::poll_some(Duration::from_secs(120), "writes again after the outage", || async {
+        (world.applied_writes().await > applied_when_up).then_some(())
+    })
+    .await;
+    eprintln!(
+        "{kind} {down:?}: {calls_during} calls reached the third party in {window:?} of outage; \
+         writes resumed {:?} after it ended",
+        up_at.elapsed()
+    );
+
+    world.wait_until_equal(Duration::from_secs(180)).await;
+    let queue = resync_bus::naming::queue_name(Some(&world.namespace), "sync", Stream::Live);
+    let dlq = world.transport.queue_depth(&resync_bus::dead_letter_queue_name(&queue)).await.expect("dlq");
+    assert_eq!(dlq.ready, 0, "an outage is held out, never dead-lettered\n{}", world.consumer_logs());
+    assert_no_stale_overwrite(&world).await;
+    let probes_allowed = (window.as_secs_f64() / MIN_PROBE_INTERVAL.as_secs_f64()).ceil() as u64 + 1;
+    assert!(
+        calls_during <= probes_allowed,
+        "{calls_during} calls reached the third party in {window:?} of outage: more than one per probe \
+         interval ({probes_allowed})"
+    );
+    world.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_a_third_party_refusing_connections_for_20s_holds_the_fleet_and_dead_letters_nothing() {
+    a_third_party_down_longer_than_every_retry_holds_the_fleet_and_dead_letters_nothing(
+        "rabbitmq",
+        Down::Refusing,
+        300,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_a_third_party_answering_503_for_20s_holds_the_fleet_and_dead_letters_nothing() {
+    a_third_party_down_longer_than_every_retry_holds_the_fleet_and_dead_letters_nothing(
+        "rabbitmq",
+        Down::Answering503,
+        300,
+    )
+    .await;
+}
+
+/// Smaller on the emulator (see the four-process test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sns_sqs_a_third_party_refusing_connections_for_20s_holds_the_fleet_and_dead_letters_nothing() {
+    a_third_party_down_longer_than_every_retry_holds_the_fleet_and_dead_letters_nothing(
+        "sns-sqs",
+        Down::Refusing,
+        100,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sns_sqs_a_third_party_answering_503_for_20s_holds_the_fleet_and_dead_letters_nothing() {
+    a_third_party_down_longer_than_every_retry_holds_the_fleet_and_dead_letters_nothing(
+        "sns-sqs",
+        Down::Answering503,
+        100,
+    )
+    .await;
 }
 
 /// The sum of every series of a metric on a Prometheus text page (`None`: no series).

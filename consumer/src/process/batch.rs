@@ -117,7 +117,7 @@ impl Processor {
     /// events one by one.
     pub(super) async fn run_alone(&self, group: EntityGroup) -> Vec<Outcome> {
         let waited = Instant::now();
-        let lock = self.locker.acquire(&self.lock_key(&group.entity)).await;
+        let lock = self.acquire_through_outage(&self.lock_key(&group.entity)).await;
         metrics::histogram!("resync_consumer_lock_wait_seconds").record(waited.elapsed().as_secs_f64());
         let results = match &lock {
             Ok(guard) => self.finish_group(&group, guard, FirstRound::Unstarted, None).await,

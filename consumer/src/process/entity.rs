@@ -165,7 +165,8 @@ impl Processor {
 
     /// Calls the sink, retrying transient failures with exponential backoff and jitter, and
     /// waiting at least as long as the third party's `Retry-After`. Every attempt is made only
-    /// while `lock` (if any) holds for the whole call.
+    /// while `lock` (if any) holds for the whole call, and only while the sink's circuit lets
+    /// it through (failures while it is open spend no attempt).
     pub(super) async fn send(
         &self,
         key: EntityKey<'_>,
@@ -182,7 +183,9 @@ impl Processor {
         };
         let mut delays = resync_bus::backoff(self.retry.min_backoff, self.retry.max_backoff);
         let mut attempt = 1;
+        let mut holding_since = None;
         loop {
+            let probe = self.pass_circuit(&mut holding_since).await?;
             if let Some(lock) = lock {
                 self.ensure_lease(lock, attempt > 1).await?;
             }
@@ -190,8 +193,12 @@ impl Processor {
             let result = self.sink.apply(&write).await;
             metrics::histogram!("resync_consumer_sink_latency_seconds")
                 .record(started.elapsed().as_secs_f64());
+            let outage = self.report_to_circuit(&result, probe).await;
             match result {
                 Ok(()) => return Ok(()),
+                Err(err) if err.is_transient() && outage => {
+                    debug!(error = %err, "sink call failed while its circuit is open; waiting for it");
+                }
                 Err(err) if err.is_transient() && attempt < self.retry.max_attempts => {
                     let backoff = delays.next().unwrap_or(self.retry.max_backoff);
                     let delay = err.retry_after().map_or(backoff, |hint| hint.max(backoff));

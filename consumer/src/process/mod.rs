@@ -5,9 +5,11 @@
 //! Layout: this module takes a batch of deliveries in ([`Processor::handle_batch`]: decode,
 //! drop what the service does not subscribe to, group by entity); `batch` locks and applies
 //! the groups together; `entity` is one entity's round under its lock; `settle` acks, requeues
-//! or dead-letters; `outcome` names what happened.
+//! or dead-letters; `circuit` holds calls while the third party is down; `outcome` names what
+//! happened.
 
 mod batch;
+mod circuit;
 mod entity;
 mod outcome;
 mod settle;
@@ -20,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use resync_bus::{DeadLetter, DeadLetterReason, DecodeLimits, Delivery, Envelope, Filter, Stream, attr};
-use resync_locks::{LockGuard, Locker};
+use resync_locks::{LockError, LockGuard, Locker};
+use resync_throttle::{CircuitState, Gate, SharedCircuit};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::decision::{Decision, Resend, content_hash, decide};
@@ -36,6 +39,9 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// Deliveries of one message before it is dead-lettered as `max-receives-exceeded`.
     pub max_receive_count: u32,
+    /// How long an event waits for the sink's open circuit before it goes back to its queue
+    /// (spending one delivery): below RabbitMQ's `consumer_timeout`, SQS's 12 hours.
+    pub max_hold: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -45,6 +51,7 @@ impl Default for RetryPolicy {
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
             max_receive_count: 5,
+            max_hold: Duration::from_secs(20 * 60),
         }
     }
 }
@@ -202,6 +209,8 @@ pub struct Processor {
     pub(crate) lock_prefix: String,
     /// The event types the service subscribes to, per stream; `None`: every type.
     subscribed: Option<Vec<(Stream, Filter)>>,
+    /// The sink's circuit breaker, shared with every consumer of the sink; `None`: off.
+    pub(crate) circuit: Option<SharedCircuit>,
     tally: Arc<Tally>,
 }
 
@@ -221,8 +230,15 @@ impl Processor {
             limits: DecodeLimits::default(),
             lock_prefix,
             subscribed: None,
+            circuit: None,
             tally: Arc::default(),
         }
+    }
+
+    /// Holds every call while the sink's shared circuit is open (see [`SharedCircuit`]).
+    pub fn with_circuit(mut self, circuit: SharedCircuit) -> Self {
+        self.circuit = Some(circuit);
+        self
     }
 
     /// Applies only the event types the service subscribes to on each stream; anything else

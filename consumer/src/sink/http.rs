@@ -133,10 +133,11 @@ fn classify(status: StatusCode, headers: &HeaderMap, body: String) -> SinkError 
         || matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT)
         || status.as_u16() == 425;
     let overloaded = matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE);
+    let reason = format!("HTTP {status}");
     if overloaded {
-        SinkError::Overloaded { reason: format!("HTTP {status}"), retry_after: retry_after(headers) }
+        SinkError::Overloaded { status: status.as_u16(), reason, retry_after: retry_after(headers) }
     } else if retryable {
-        SinkError::Transient { reason: format!("HTTP {status}"), retry_after: retry_after(headers) }
+        SinkError::Transient { reason, retry_after: retry_after(headers), outage: true }
     } else {
         SinkError::Rejected { status: status.as_u16(), body }
     }
@@ -172,6 +173,7 @@ impl Sink for HttpSink {
                 format!("calling {url}: {e}")
             },
             retry_after: None,
+            outage: true,
         })?;
         let status = response.status();
         // A DELETE of something already gone is done.
@@ -224,14 +226,15 @@ mod tests {
         assert_eq!(
             classify(StatusCode::TOO_MANY_REQUESTS, &headers, String::new()),
             SinkError::Overloaded {
+                status: 429,
                 reason: "HTTP 429 Too Many Requests".into(),
                 retry_after: Some(Duration::from_secs(2))
             }
         );
-        assert!(matches!(
-            classify(StatusCode::BAD_GATEWAY, &HeaderMap::new(), String::new()),
-            SinkError::Transient { .. }
-        ));
+        let bad_gateway = classify(StatusCode::BAD_GATEWAY, &HeaderMap::new(), String::new());
+        assert!(matches!(bad_gateway, SinkError::Transient { .. }) && bad_gateway.is_outage());
+        assert!(classify(StatusCode::SERVICE_UNAVAILABLE, &HeaderMap::new(), String::new()).is_outage());
+        assert!(!classify(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new(), String::new()).is_outage());
         headers.insert("retry-after-ms", HeaderValue::from_static("250"));
         assert_eq!(retry_after(&headers), Some(Duration::from_millis(250)));
         assert!(classify(StatusCode::SERVICE_UNAVAILABLE, &HeaderMap::new(), String::new()).is_transient());
@@ -251,6 +254,7 @@ mod tests {
             headers: BTreeMap::new(),
             timeout: Duration::from_secs(10),
             rate_limit: None,
+            circuit: fare_config::CircuitSpec::default(),
         };
         assert!(HttpSink::new(&config, "s").err().unwrap().to_string().starts_with("sink.method"));
         config.method = "put".into();

@@ -68,6 +68,7 @@ impl Sink for ThrottledSink {
             rate.acquire().await.map_err(|e| SinkError::Transient {
                 reason: format!("shared rate limit unavailable: {e}"),
                 retry_after: None,
+                outage: false,
             })?;
         }
         let started = Instant::now();

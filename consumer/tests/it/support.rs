@@ -134,6 +134,7 @@ impl Sink for RecordingSink {
             return Err(SinkError::Transient {
                 reason: "injected 503".into(),
                 retry_after: Some(Duration::from_millis(50)),
+                outage: true,
             });
         }
         if self.faults.reject.lock().unwrap().iter().any(|id| id == write.entity_id) {
@@ -144,7 +145,11 @@ impl Sink for RecordingSink {
             self.faults.entered.notify_one();
             self.faults.release.notified().await;
             if self.faults.fail_held.load(Ordering::SeqCst) {
-                return Err(SinkError::Transient { reason: "injected timeout".into(), retry_after: None });
+                return Err(SinkError::Transient {
+                    reason: "injected timeout".into(),
+                    retry_after: None,
+                    outage: true,
+                });
             }
         }
         let latency = *self.faults.latency.lock().unwrap();

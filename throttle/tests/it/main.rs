@@ -2,6 +2,7 @@
 //! Redis (`RESYNC_REDIS_URL`, default 127.0.0.1:6379) and fail, saying how to start it, when it
 //! is not there. Every test uses its own key prefix.
 
+mod circuit;
 mod hold;
 mod rate_adapts;
 mod shared_rate;
