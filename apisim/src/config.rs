@@ -34,6 +34,10 @@ pub struct Config {
     pub reject_status: u16,
     /// Scheduled outages, relative to server start: every write gets 503 inside them.
     pub outages: Vec<Outage>,
+    /// Enforce versions, as an API with conditional writes does: a write whose
+    /// `X-Resync-Entity-Version` is not newer than the newest the entity has had is refused
+    /// with 412 and not applied (checked and applied under one lock).
+    pub conditional_writes: bool,
     /// Seed of the RNG behind every random fault; `None` seeds from the OS.
     pub seed: Option<u64>,
 }
@@ -50,6 +54,7 @@ impl Default for Config {
             reject_rate: 0.0,
             reject_status: 422,
             outages: Vec::new(),
+            conditional_writes: false,
             seed: None,
         }
     }
@@ -123,6 +128,8 @@ pub struct FaultsPatch {
     /// Starts an outage now, for `for_ms`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outage: Option<OutageNow>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conditional_writes: Option<bool>,
     /// `Some(Some(seed))` reseeds the RNG; `Some(None)` reseeds it from the OS.
     #[serde(deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub seed: Option<Option<u64>>,
@@ -200,6 +207,9 @@ impl Config {
         }
         if let Some(v) = patch.reject_rate {
             next.reject_rate = v;
+        }
+        if let Some(v) = patch.conditional_writes {
+            next.conditional_writes = v;
         }
         if let Some(v) = patch.reject_status {
             next.reject_status = v;

@@ -58,6 +58,10 @@ struct Args {
     /// Outage window START_MS-END_MS after server start: every write gets 503. Repeatable.
     #[arg(long, value_name = "START_MS-END_MS", value_parser = parse_outage)]
     outage: Vec<Outage>,
+    /// Enforce versions like an API with conditional writes: a write whose
+    /// X-Resync-Entity-Version is not newer than the entity's newest is refused with 412.
+    #[arg(long)]
+    conditional_writes: bool,
     /// Seed for the RNG behind random faults (deterministic runs).
     #[arg(long)]
     seed: Option<u64>,
@@ -86,6 +90,7 @@ impl Args {
             reject_rate: self.reject_rate,
             reject_status: self.reject_status,
             outages: self.outage.clone(),
+            conditional_writes: self.conditional_writes,
             seed: self.seed,
         }
     }

@@ -54,6 +54,12 @@ pub struct LogEntry {
     pub at: DateTime<Utc>,
     /// `X-Resync-Event-Id`, when the write carried it.
     pub event_id: Option<String>,
+    /// `X-Resync-Stream` (`live` or `resync`), when the write carried it.
+    #[serde(default)]
+    pub stream: Option<String>,
+    /// `X-Resync-Job-Id`, when the write carried it.
+    #[serde(default)]
+    pub job_id: Option<String>,
 }
 
 /// A write of `version_written` applied after a write of the newer

@@ -36,6 +36,10 @@ use crate::{Client, Error};
 pub const VERSION_HEADER: &str = "x-resync-entity-version";
 /// Header carrying the event id of the write.
 pub const EVENT_ID_HEADER: &str = "x-resync-event-id";
+/// `live` or `resync`, recorded in the write log.
+pub(crate) const STREAM_HEADER: &str = "x-resync-stream";
+/// A resync job's id, recorded in the write log.
+pub(crate) const JOB_ID_HEADER: &str = "x-resync-job-id";
 /// `GET /log` answers at most this many entries when no `limit` is given.
 pub const DEFAULT_LOG_LIMIT: usize = 10_000;
 /// `GET /log` never answers more than this many entries.
@@ -227,7 +231,9 @@ impl Sim {
             Ok(version) => version,
             Err(problem) => return self.answer(StatusCode::BAD_REQUEST, json!({ "error": problem })),
         };
-        let event_id = headers.get(EVENT_ID_HEADER).and_then(|v| v.to_str().ok()).map(Box::from);
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(Box::from);
+        let (event_id, stream, job_id) =
+            (header(EVENT_ID_HEADER), header(STREAM_HEADER), header(JOB_ID_HEADER));
         let data = match op {
             Op::Delete => Value::Null,
             Op::Upsert => match serde_json::from_slice(&body) {
@@ -265,8 +271,19 @@ impl Sim {
         };
 
         let ack = WriteAck { entity_type: entity_type.clone(), entity_id: entity_id.clone(), version };
-        let write = Write { entity_type, entity_id, version, event_id, op, data };
-        let applied = lock(&self.store).apply(write, chrono::Utc::now());
+        let write = Write { entity_type, entity_id, version, event_id, op, data, stream, job_id };
+        let conditional = lock(&self.faults).config().conditional_writes;
+        let applied = if conditional {
+            match lock(&self.store).apply_if_newer(write, chrono::Utc::now()) {
+                Some(applied) => applied,
+                None => {
+                    let error = "precondition failed: the entity has this version or a newer one";
+                    return self.answer(StatusCode::PRECONDITION_FAILED, json!({ "error": error }));
+                }
+            }
+        } else {
+            lock(&self.store).apply(write, chrono::Utc::now())
+        };
         self.counters.applied.fetch_add(1, Ordering::Relaxed);
 
         if let Some(hold) = then_timeout {

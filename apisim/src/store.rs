@@ -20,6 +20,8 @@ pub(crate) struct Write {
     pub(crate) event_id: Option<Box<str>>,
     pub(crate) op: Op,
     pub(crate) data: Value,
+    pub(crate) stream: Option<Box<str>>,
+    pub(crate) job_id: Option<Box<str>>,
 }
 
 struct Entity {
@@ -38,6 +40,8 @@ struct Record {
     op: Op,
     at: DateTime<Utc>,
     event_id: Option<Box<str>>,
+    stream: Option<Box<str>>,
+    job_id: Option<Box<str>>,
 }
 
 #[derive(Default)]
@@ -56,6 +60,17 @@ pub(crate) struct Applied {
 }
 
 impl Store {
+    /// Applies `write` unless it carries a version not newer than the newest the entity has
+    /// had (`None`: refused, nothing changed): an API enforcing conditional writes.
+    pub(crate) fn apply_if_newer(&mut self, write: Write, at: DateTime<Utc>) -> Option<Applied> {
+        let key = (write.entity_type.clone(), write.entity_id.clone());
+        let newest = self.entities.get(&key).and_then(|e| e.newest);
+        match (write.version, newest) {
+            (Some(version), Some(newest)) if version <= newest => None,
+            _ => Some(self.apply(write, at)),
+        }
+    }
+
     pub(crate) fn apply(&mut self, write: Write, at: DateTime<Utc>) -> Applied {
         let seq = self.log.len() as u64 + 1;
         let mut created = false;
@@ -90,6 +105,8 @@ impl Store {
             op: write.op,
             at,
             event_id: write.event_id,
+            stream: write.stream,
+            job_id: write.job_id,
         });
         Applied { created }
     }
@@ -123,6 +140,8 @@ impl Store {
                 op: r.op,
                 at: r.at,
                 event_id: r.event_id.as_deref().map(str::to_string),
+                stream: r.stream.as_deref().map(str::to_string),
+                job_id: r.job_id.as_deref().map(str::to_string),
             })
             .collect()
     }
@@ -147,8 +166,16 @@ mod tests {
 
     fn write(store: &mut Store, id: &str, version: Option<i64>, op: Op) -> Applied {
         let data = if op == Op::Upsert { json!({ "v": version }) } else { Value::Null };
-        let write =
-            Write { entity_type: "listing".into(), entity_id: id.into(), version, event_id: None, op, data };
+        let write = Write {
+            entity_type: "listing".into(),
+            entity_id: id.into(),
+            version,
+            event_id: None,
+            op,
+            data,
+            stream: None,
+            job_id: None,
+        };
         store.apply(write, Utc::now())
     }
 

@@ -28,5 +28,5 @@ pub use db::{Db, Pooling};
 pub use process::{Outcome, Processor, RetryPolicy, Tally};
 pub use runner::{Consumer, ConsumerConfig, ConsumerError, QueueState};
 pub use sink::http::HttpSink;
-pub use sink::{Sink, SinkError, SinkWrite};
+pub use sink::{Origin, Sink, SinkError, SinkWrite};
 pub use store::AppliedStore;

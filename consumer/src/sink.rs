@@ -18,6 +18,34 @@ pub struct SinkWrite<'a> {
     pub event_id: Uuid,
     pub deleted: bool,
     pub data: &'a serde_json::Value,
+    pub origin: Origin,
+}
+
+/// Where a write comes from, told to the third party (the HTTP sink's `X-Resync-Stream` and
+/// `X-Resync-Job-Id`) so it can suppress side effects such as e-mails during a resync.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Origin {
+    /// A live change, or a repair re-sending the newest recorded state.
+    #[default]
+    Live,
+    /// An event of a resync job.
+    Resync { job_id: Option<Uuid> },
+}
+
+impl Origin {
+    pub fn stream(self) -> &'static str {
+        match self {
+            Origin::Live => "live",
+            Origin::Resync { .. } => "resync",
+        }
+    }
+
+    pub fn job_id(self) -> Option<Uuid> {
+        match self {
+            Origin::Live => None,
+            Origin::Resync { job_id } => job_id,
+        }
+    }
 }
 
 /// Why a write failed, as far as retrying is concerned.

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use crate::db::Db;
 
 use crate::decision::{Applied, Resend};
+use crate::sink::Origin;
 
 /// One entity's applied state, with the data needed to re-send it.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -22,6 +23,9 @@ pub struct AppliedState {
     /// property of the event, see [`Resend`]).
     #[sqlx(skip)]
     pub resend: Resend,
+    /// Which stream the event came on (not stored: a recorded state re-sent is `Live`).
+    #[sqlx(skip)]
+    pub origin: Origin,
 }
 
 impl AppliedState {
@@ -70,7 +74,15 @@ impl CurrentRow {
     fn into_current(self) -> (EntityId, Current) {
         let applied = match (self.version, self.content_hash, self.deleted, self.data, self.event_id) {
             (Some(version), Some(content_hash), Some(deleted), Some(data), Some(event_id)) => {
-                Some(AppliedState { version, content_hash, deleted, data, event_id, resend: Resend::Never })
+                Some(AppliedState {
+                    version,
+                    content_hash,
+                    deleted,
+                    data,
+                    event_id,
+                    resend: Resend::Never,
+                    origin: Origin::Live,
+                })
             }
             _ => None,
         };

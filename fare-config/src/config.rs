@@ -202,6 +202,18 @@ pub struct SinkSpec {
     pub rate_limit: Option<RateLimitSpec>,
     /// When to stop calling a third party that is down, and how to find out it is back.
     pub circuit: CircuitSpec,
+    /// The third party enforces versions (`None`: it does not).
+    pub conditional: Option<ConditionalSpec>,
+}
+
+/// Conditional writes: the third party applies a write only if its version is newer than what
+/// it has, so a late write of an older version can never land.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConditionalSpec {
+    /// The request header carrying the version as the precondition.
+    pub header: String,
+    /// Statuses that mean "I have this version or a newer one": the write counts as applied.
+    pub stale_statuses: Vec<u16>,
 }
 
 /// The sink's circuit breaker, shared by every consumer of the sink through Redis.
@@ -377,6 +389,19 @@ struct SinkFile {
     rate_limit: Option<RateLimitFile>,
     /// When to stop calling a third party that is down (on by default).
     circuit: Option<CircuitFile>,
+    /// The third party enforces versions: a write not newer than what it has is refused.
+    conditional: Option<ConditionalFile>,
+}
+
+/// `[sink.conditional]`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct ConditionalFile {
+    /// The header carrying the version as the precondition (default
+    /// `X-Resync-Entity-Version`, sent on every request anyway).
+    header: Option<String>,
+    /// Statuses meaning "I already have this version or a newer one" (default [409, 412]).
+    stale_statuses: Option<Vec<u16>>,
 }
 
 /// `[sink.circuit]`.
@@ -759,6 +784,7 @@ fn validate_sink(file: &Path, raw: SinkFile) -> Result<SinkSpec, ConfigError> {
     };
     let rate_limit = raw.rate_limit.map(|r| validate_rate_limit(file, r)).transpose()?;
     let circuit = raw.circuit.map(|c| validate_circuit(file, c)).transpose()?.unwrap_or_default();
+    let conditional = raw.conditional.map(|c| validate_conditional(file, c)).transpose()?;
     Ok(SinkSpec {
         name: raw.name,
         url: raw.url,
@@ -768,7 +794,29 @@ fn validate_sink(file: &Path, raw: SinkFile) -> Result<SinkSpec, ConfigError> {
         timeout,
         rate_limit,
         circuit,
+        conditional,
     })
+}
+
+fn validate_conditional(file: &Path, raw: ConditionalFile) -> Result<ConditionalSpec, ConfigError> {
+    let header = raw.header.unwrap_or_else(|| "X-Resync-Entity-Version".into());
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if header.is_empty() || !header.chars().all(token) {
+        return Err(invalid(
+            file,
+            "sink.conditional.header",
+            format!("`{header}`: expected an HTTP header name"),
+        ));
+    }
+    let stale_statuses = raw.stale_statuses.unwrap_or_else(|| vec![409, 412]);
+    if let Some(bad) = stale_statuses.iter().find(|s| !(400..=499).contains(*s)) {
+        return Err(invalid(
+            file,
+            "sink.conditional.stale_statuses",
+            format!("{bad}: expected 4xx statuses"),
+        ));
+    }
+    Ok(ConditionalSpec { header, stale_statuses })
 }
 
 fn validate_circuit(file: &Path, raw: CircuitFile) -> Result<CircuitSpec, ConfigError> {
@@ -989,6 +1037,18 @@ publishes = ["listing.created", "listing.updated", "listing.deleted"]
         assert_eq!(sink.circuit.failure_threshold, 3);
         assert_eq!(sink.circuit.max_probe_interval, Duration::from_secs(5));
         assert_eq!(sink.circuit.max_hold, Duration::from_secs(7200));
+        assert_eq!(sink.conditional, None);
+        let conditional = load_str("c.toml", &format!("{CHANNEL_SYNC}[sink.conditional]\n"))
+            .expect("valid")
+            .sink
+            .and_then(|s| s.conditional)
+            .expect("conditional writes");
+        assert_eq!(
+            (conditional.header.as_str(), conditional.stale_statuses),
+            ("X-Resync-Entity-Version", vec![409, 412])
+        );
+        let err = error(&format!("{CHANNEL_SYNC}[sink.conditional]\nstale_statuses = [200]\n"));
+        assert!(err.contains("sink.conditional.stale_statuses"), "{err}");
         for (table, key) in [
             ("failure_threshold = 0", "sink.circuit.failure_threshold"),
             ("min_probe_interval = \"10s\"\nmax_probe_interval = \"1s\"", "sink.circuit.max_probe_interval"),

@@ -180,6 +180,7 @@ impl Processor {
             event_id: state.event_id,
             deleted: state.deleted,
             data: &state.data,
+            origin: state.origin,
         };
         let mut delays = resync_bus::backoff(self.retry.min_backoff, self.retry.max_backoff);
         let mut attempt = 1;

@@ -27,7 +27,7 @@ use resync_throttle::{CircuitState, Gate, SharedCircuit};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::decision::{Decision, Resend, content_hash, decide};
-use crate::sink::{Sink, SinkError, SinkWrite};
+use crate::sink::{Origin, Sink, SinkError, SinkWrite};
 use crate::store::{AppliedState, AppliedStore, Cas, CasRequest, Current, EntityId, EntityKey};
 
 /// How one event is retried and when it is given up.
@@ -144,6 +144,10 @@ fn applied_state(delivery: &Delivery, envelope: &Envelope) -> AppliedState {
         deleted: envelope.deleted,
         data: envelope.data.clone(),
         event_id: envelope.id,
+        origin: match envelope.stream {
+            Stream::Live => Origin::Live,
+            Stream::Resync => Origin::Resync { job_id: envelope.job_id },
+        },
     }
 }
 

@@ -4,7 +4,8 @@
 //! Upserts send the entity's `data` as the JSON body with the configured method (PUT by
 //! default); tombstones send DELETE (configurable). The URL template may use `{entity_type}`
 //! and `{entity_id}` (percent-encoded). Every request carries `X-Resync-Entity-Version`,
-//! `X-Resync-Event-Id` and `Idempotency-Key` (the event id), plus configured headers whose
+//! `X-Resync-Event-Id`, `Idempotency-Key` (the event id), `X-Resync-Stream` (`live` or
+//! `resync`) and, for a resync job's events, `X-Resync-Job-Id`, plus configured headers whose
 //! values may reference env vars as `${NAME}` so secrets never sit in config files.
 
 use std::time::Duration;
@@ -34,6 +35,8 @@ pub struct HttpSink {
     delete_method: Method,
     headers: HeaderMap,
     timeout: Duration,
+    /// The version precondition header, and the statuses meaning "already this or newer".
+    conditional: Option<(HeaderName, Vec<StatusCode>)>,
 }
 
 /// Most bytes of an error response kept for the dead-letter detail.
@@ -56,6 +59,22 @@ impl HttpSink {
             value.set_sensitive(true);
             headers.insert(name, value);
         }
+        let conditional = match &config.conditional {
+            Some(spec) => {
+                let name = HeaderName::try_from(spec.header.as_str())
+                    .map_err(|e| invalid("conditional.header", e.to_string()))?;
+                let statuses = spec
+                    .stale_statuses
+                    .iter()
+                    .map(|s| {
+                        StatusCode::from_u16(*s)
+                            .map_err(|e| invalid("conditional.stale_statuses", e.to_string()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Some((name, statuses))
+            }
+            None => None,
+        };
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
             .pool_max_idle_per_host(64)
@@ -69,6 +88,7 @@ impl HttpSink {
             delete_method,
             headers,
             timeout: config.timeout,
+            conditional,
         })
     }
 }
@@ -162,7 +182,14 @@ impl Sink for HttpSink {
             .headers(self.headers.clone())
             .header("x-resync-entity-version", write.version)
             .header("x-resync-event-id", write.event_id.to_string())
-            .header("idempotency-key", write.event_id.to_string());
+            .header("idempotency-key", write.event_id.to_string())
+            .header("x-resync-stream", write.origin.stream());
+        if let Some(job_id) = write.origin.job_id() {
+            request = request.header("x-resync-job-id", job_id.to_string());
+        }
+        if let Some((header, _)) = &self.conditional {
+            request = request.header(header.clone(), write.version);
+        }
         if method != Method::DELETE {
             request = request.json(write.data);
         }
@@ -178,6 +205,15 @@ impl Sink for HttpSink {
         let status = response.status();
         // A DELETE of something already gone is done.
         if status.is_success() || (method == Method::DELETE && status == StatusCode::NOT_FOUND) {
+            return Ok(());
+        }
+        if self.conditional.as_ref().is_some_and(|(_, stale)| stale.contains(&status)) {
+            // The third party has this version or a newer one: nothing of ours can land over
+            // it. Recorded as applied; a newer one recorded meanwhile is re-sent (and refused
+            // the same way if the third party has it).
+            metrics::counter!("resync_sink_refused_not_newer_total", "sink" => self.name.clone())
+                .increment(1);
+            tracing::debug!(%status, version = write.version, "the third party already has this version or a newer one");
             return Ok(());
         }
         let headers = response.headers().clone();
@@ -255,6 +291,7 @@ mod tests {
             timeout: Duration::from_secs(10),
             rate_limit: None,
             circuit: fare_config::CircuitSpec::default(),
+            conditional: None,
         };
         assert!(HttpSink::new(&config, "s").err().unwrap().to_string().starts_with("sink.method"));
         config.method = "put".into();

@@ -4,6 +4,7 @@
 // Test helpers panic on poisoned locks like any other test failure.
 #![allow(clippy::unwrap_used)]
 
+mod http_sink;
 mod pipeline;
 mod pooler;
 mod support;
