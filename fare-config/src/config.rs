@@ -204,6 +204,26 @@ pub struct SinkSpec {
     pub circuit: CircuitSpec,
     /// The third party enforces versions (`None`: it does not).
     pub conditional: Option<ConditionalSpec>,
+    /// What the third party's answers mean, beyond 2xx (applied) and the defaults.
+    pub responses: ResponseClasses,
+}
+
+/// What non-2xx answers mean. Not listed: 429 and 5xx are retried, other 4xx dead-letter the
+/// event at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseClasses {
+    /// Answers to a tombstone (DELETE) meaning the entity is already gone: applied.
+    pub delete_gone: Vec<u16>,
+    /// 4xx answers retried like a 5xx (e.g. 409 from an API that locks records briefly).
+    pub retry: Vec<u16>,
+    /// 5xx answers that dead-letter at once (e.g. 501 Not Implemented).
+    pub dead_letter: Vec<u16>,
+}
+
+impl Default for ResponseClasses {
+    fn default() -> Self {
+        Self { delete_gone: vec![404, 410], retry: vec![408, 425], dead_letter: Vec::new() }
+    }
 }
 
 /// Conditional writes: the third party applies a write only if its version is newer than what
@@ -391,6 +411,21 @@ struct SinkFile {
     circuit: Option<CircuitFile>,
     /// The third party enforces versions: a write not newer than what it has is refused.
     conditional: Option<ConditionalFile>,
+    /// What the third party's answers mean beyond 2xx (applied), 429/5xx (retried) and other
+    /// 4xx (dead-lettered at once).
+    responses: Option<ResponsesFile>,
+}
+
+/// `[sink.responses]`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct ResponsesFile {
+    /// Answers to a DELETE meaning "already gone", counted as applied (default [404, 410]).
+    delete_gone: Option<Vec<u16>>,
+    /// 4xx answers to retry rather than dead-letter (default [408, 425]).
+    retry: Option<Vec<u16>>,
+    /// 5xx answers to dead-letter at once rather than retry (default none).
+    dead_letter: Option<Vec<u16>>,
 }
 
 /// `[sink.conditional]`.
@@ -785,6 +820,7 @@ fn validate_sink(file: &Path, raw: SinkFile) -> Result<SinkSpec, ConfigError> {
     let rate_limit = raw.rate_limit.map(|r| validate_rate_limit(file, r)).transpose()?;
     let circuit = raw.circuit.map(|c| validate_circuit(file, c)).transpose()?.unwrap_or_default();
     let conditional = raw.conditional.map(|c| validate_conditional(file, c)).transpose()?;
+    let responses = raw.responses.map(|r| validate_responses(file, r)).transpose()?.unwrap_or_default();
     Ok(SinkSpec {
         name: raw.name,
         url: raw.url,
@@ -795,6 +831,28 @@ fn validate_sink(file: &Path, raw: SinkFile) -> Result<SinkSpec, ConfigError> {
         rate_limit,
         circuit,
         conditional,
+        responses,
+    })
+}
+
+fn validate_responses(file: &Path, raw: ResponsesFile) -> Result<ResponseClasses, ConfigError> {
+    let defaults = ResponseClasses::default();
+    let within = |key: &str, statuses: Vec<u16>, range: std::ops::RangeInclusive<u16>| match statuses
+        .iter()
+        .find(|s| !range.contains(*s))
+    {
+        Some(bad) => Err(invalid(
+            file,
+            format!("sink.responses.{key}"),
+            format!("{bad}: expected statuses in {}..={}", range.start(), range.end()),
+        )),
+        None => Ok(statuses),
+    };
+    Ok(ResponseClasses {
+        delete_gone: within("delete_gone", raw.delete_gone.unwrap_or(defaults.delete_gone), 400..=499)?,
+        // 429 is always retried (and slows the shared rate).
+        retry: within("retry", raw.retry.unwrap_or(defaults.retry), 400..=499)?,
+        dead_letter: within("dead_letter", raw.dead_letter.unwrap_or(defaults.dead_letter), 500..=599)?,
     })
 }
 
@@ -1049,6 +1107,8 @@ publishes = ["listing.created", "listing.updated", "listing.deleted"]
         );
         let err = error(&format!("{CHANNEL_SYNC}[sink.conditional]\nstale_statuses = [200]\n"));
         assert!(err.contains("sink.conditional.stale_statuses"), "{err}");
+        let err = error(&format!("{CHANNEL_SYNC}[sink.responses]\ndead_letter = [422]\n"));
+        assert!(err.contains("sink.responses.dead_letter") && err.contains("500..=599"), "{err}");
         for (table, key) in [
             ("failure_threshold = 0", "sink.circuit.failure_threshold"),
             ("min_probe_interval = \"10s\"\nmax_probe_interval = \"1s\"", "sink.circuit.max_probe_interval"),

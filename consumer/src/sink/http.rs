@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fare_config::SinkSpec;
+use fare_config::{ResponseClasses, SinkSpec};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 
@@ -37,6 +37,7 @@ pub struct HttpSink {
     timeout: Duration,
     /// The version precondition header, and the statuses meaning "already this or newer".
     conditional: Option<(HeaderName, Vec<StatusCode>)>,
+    responses: ResponseClasses,
 }
 
 /// Most bytes of an error response kept for the dead-letter detail.
@@ -89,6 +90,7 @@ impl HttpSink {
             headers,
             timeout: config.timeout,
             conditional,
+            responses: config.responses.clone(),
         })
     }
 }
@@ -148,18 +150,26 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     (at.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().ok()
 }
 
-fn classify(status: StatusCode, headers: &HeaderMap, body: String) -> SinkError {
-    let retryable = status.is_server_error()
-        || matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT)
-        || status.as_u16() == 425;
-    let overloaded = matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE);
+/// What a non-2xx answer means: 429 and 503 are overload (retried, and the shared rate goes
+/// down), other 5xx and the configured 4xx are retried, configured 5xx and other 4xx
+/// dead-letter the event at once.
+fn classify(status: StatusCode, headers: &HeaderMap, body: String, classes: &ResponseClasses) -> SinkError {
+    let code = status.as_u16();
     let reason = format!("HTTP {status}");
-    if overloaded {
-        SinkError::Overloaded { status: status.as_u16(), reason, retry_after: retry_after(headers) }
-    } else if retryable {
+    if matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE)
+        && !classes.dead_letter.contains(&code)
+    {
+        return SinkError::Overloaded { status: code, reason, retry_after: retry_after(headers) };
+    }
+    let retried = if status.is_server_error() {
+        !classes.dead_letter.contains(&code)
+    } else {
+        classes.retry.contains(&code)
+    };
+    if retried {
         SinkError::Transient { reason, retry_after: retry_after(headers), outage: true }
     } else {
-        SinkError::Rejected { status: status.as_u16(), body }
+        SinkError::Rejected { status: code, body }
     }
 }
 
@@ -204,7 +214,8 @@ impl Sink for HttpSink {
         })?;
         let status = response.status();
         // A DELETE of something already gone is done.
-        if status.is_success() || (method == Method::DELETE && status == StatusCode::NOT_FOUND) {
+        let gone = method == Method::DELETE && self.responses.delete_gone.contains(&status.as_u16());
+        if status.is_success() || gone {
             return Ok(());
         }
         if self.conditional.as_ref().is_some_and(|(_, stale)| stale.contains(&status)) {
@@ -225,7 +236,7 @@ impl Sink for HttpSink {
             }
             body.truncate(cut);
         }
-        Err(classify(status, &headers, body))
+        Err(classify(status, &headers, body, &self.responses))
     }
 }
 
@@ -257,26 +268,47 @@ mod tests {
 
     #[test]
     fn statuses_map_to_retry_or_dead_letter() {
+        let defaults = ResponseClasses::default();
         let mut headers = HeaderMap::new();
         headers.insert("retry-after", HeaderValue::from_static("2"));
         assert_eq!(
-            classify(StatusCode::TOO_MANY_REQUESTS, &headers, String::new()),
+            classify(StatusCode::TOO_MANY_REQUESTS, &headers, String::new(), &defaults),
             SinkError::Overloaded {
                 status: 429,
                 reason: "HTTP 429 Too Many Requests".into(),
                 retry_after: Some(Duration::from_secs(2))
             }
         );
-        let bad_gateway = classify(StatusCode::BAD_GATEWAY, &HeaderMap::new(), String::new());
+        let bad_gateway = classify(StatusCode::BAD_GATEWAY, &HeaderMap::new(), String::new(), &defaults);
         assert!(matches!(bad_gateway, SinkError::Transient { .. }) && bad_gateway.is_outage());
-        assert!(classify(StatusCode::SERVICE_UNAVAILABLE, &HeaderMap::new(), String::new()).is_outage());
-        assert!(!classify(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new(), String::new()).is_outage());
+        assert!(
+            classify(StatusCode::SERVICE_UNAVAILABLE, &HeaderMap::new(), String::new(), &defaults)
+                .is_outage()
+        );
+        assert!(
+            !classify(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new(), String::new(), &defaults).is_outage()
+        );
         headers.insert("retry-after-ms", HeaderValue::from_static("250"));
         assert_eq!(retry_after(&headers), Some(Duration::from_millis(250)));
-        assert!(classify(StatusCode::SERVICE_UNAVAILABLE, &HeaderMap::new(), String::new()).is_transient());
+        assert!(
+            classify(StatusCode::SERVICE_UNAVAILABLE, &HeaderMap::new(), String::new(), &defaults)
+                .is_transient()
+        );
         assert_eq!(
-            classify(StatusCode::UNPROCESSABLE_ENTITY, &HeaderMap::new(), "bad".into()),
+            classify(StatusCode::UNPROCESSABLE_ENTITY, &HeaderMap::new(), "bad".into(), &defaults),
             SinkError::Rejected { status: 422, body: "bad".into() }
+        );
+        assert!(
+            classify(StatusCode::REQUEST_TIMEOUT, &HeaderMap::new(), String::new(), &defaults).is_transient()
+        );
+        let custom =
+            ResponseClasses { retry: vec![409], dead_letter: vec![501], ..ResponseClasses::default() };
+        assert!(classify(StatusCode::CONFLICT, &HeaderMap::new(), String::new(), &custom).is_transient());
+        assert!(
+            !classify(StatusCode::NOT_IMPLEMENTED, &HeaderMap::new(), String::new(), &custom).is_transient()
+        );
+        assert!(
+            !classify(StatusCode::REQUEST_TIMEOUT, &HeaderMap::new(), String::new(), &custom).is_transient()
         );
     }
 
@@ -292,6 +324,7 @@ mod tests {
             rate_limit: None,
             circuit: fare_config::CircuitSpec::default(),
             conditional: None,
+            responses: ResponseClasses::default(),
         };
         assert!(HttpSink::new(&config, "s").err().unwrap().to_string().starts_with("sink.method"));
         config.method = "put".into();

@@ -70,3 +70,25 @@ async fn with_conditional_writes_an_older_version_sent_late_never_lands() {
     assert_eq!(client.stats().await.expect("stats").status(412), 3, "v1, v2 again, v1 without the setting");
     api.shutdown().await.expect("shutdown");
 }
+
+/// With the default response classes, a DELETE answered 404 (already gone) is applied, the
+/// same 404 on an upsert and a 422 are refusals that dead-letter the event at once.
+#[tokio::test]
+async fn a_delete_of_something_already_gone_is_applied_and_a_refusal_is_not_retried() {
+    let api =
+        resync_apisim::start(ApiConfig { reject_rate: 1.0, reject_status: 404, ..ApiConfig::default() })
+            .await
+            .expect("start apisim");
+    let sink = HttpSink::new(&spec(&api, false), "s").expect("sink");
+    let data = serde_json::Value::Null;
+    let tombstone = SinkWrite { deleted: true, ..write(3, &data, Origin::Live) };
+    sink.apply(&tombstone).await.expect("404 on a DELETE: already gone");
+    let refused = sink.apply(&write(4, &data, Origin::Live)).await.expect_err("404 on an upsert");
+    assert!(matches!(refused, resync_consumer::SinkError::Rejected { status: 404, .. }), "{refused}");
+    let client = api.client().expect("client");
+    let unprocessable = resync_apisim::FaultsPatch { reject_status: Some(422), ..Default::default() };
+    client.set_faults(&unprocessable).await.expect("422s");
+    let refused = sink.apply(&tombstone).await.expect_err("422");
+    assert!(matches!(refused, resync_consumer::SinkError::Rejected { status: 422, .. }), "{refused}");
+    api.shutdown().await.expect("shutdown");
+}
