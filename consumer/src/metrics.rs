@@ -41,6 +41,19 @@ pub fn describe() {
         "Overload answers (429/503) reported to the shared rate."
     );
     describe_gauge!("resync_sink_concurrency_limit", "This process's limit on sink calls in flight.");
+    describe_gauge!("resync_sink_circuit_state", "The sink's shared circuit: 0 closed, 1 open, 2 half-open.");
+    describe_gauge!(
+        "resync_sink_circuit_open_seconds",
+        "How long the sink's circuit has been open; 0 when closed."
+    );
+    describe_counter!(
+        "resync_sink_circuit_transitions_total",
+        "Changes of the sink's circuit this process made, by the state it went to."
+    );
+    describe_counter!(
+        "resync_sink_refused_not_newer_total",
+        "Writes the third party refused as not newer than what it has ([sink.conditional]); counted applied."
+    );
     for outcome in Outcome::ALL {
         metrics::counter!("resync_consumer_events_total", "outcome" => outcome.label()).absolute(0);
     }

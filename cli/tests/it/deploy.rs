@@ -817,3 +817,93 @@ fn the_shipped_binaries_do_not_link_the_demo_the_api_simulator_or_test_support()
         }
     }
 }
+
+/// Names of the metrics the code exports: every `counter!`, `gauge!` and `histogram!` of a
+/// `resync_` metric in the crates' sources.
+fn exported_metrics() -> BTreeSet<String> {
+    fn scan(dir: &Path, names: &mut BTreeSet<String>) {
+        for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
+            let path = entry.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if path.is_dir() && !["target", ".git", "deploy", "tests"].contains(&name) {
+                scan(&path, names);
+            } else if name.ends_with(".rs") && path.components().any(|c| c.as_os_str() == "src") {
+                let text = std::fs::read_to_string(&path).expect("source");
+                for macro_call in ["counter!(", "gauge!(", "histogram!("] {
+                    for piece in text.split(macro_call).skip(1) {
+                        let piece = piece.trim_start().trim_start_matches('"');
+                        let metric: String =
+                            piece.chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
+                        if metric.starts_with("resync_") {
+                            names.insert(metric);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut names = BTreeSet::new();
+    scan(root(), &mut names);
+    names
+}
+
+/// The `resync_` metric names a PromQL expression reads (histogram series by their metric).
+fn metrics_in(expr: &str) -> Vec<String> {
+    expr.split(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+        .filter(|word| word.starts_with("resync_"))
+        .map(|word| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| word.strip_suffix(suffix))
+                .unwrap_or(word)
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn the_dashboard_and_the_alert_rules_query_only_metrics_the_code_exports() {
+    let exported = exported_metrics();
+    assert!(exported.contains("resync_sink_circuit_open_seconds"), "{exported:?}");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/resync.json")).expect("the dashboard is JSON");
+    let mut queries: Vec<(String, String)> = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("a PromQL expr").to_string();
+            queries.push((format!("dashboard panel {:?}", panel["title"]), expr));
+        }
+    }
+    for group in documents("deploy/prometheus/alerts.yml")[0]["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            let expr = str_at(rule, &["expr"]).expect("expr").to_string();
+            queries.push((format!("alert {}", str_at(rule, &["alert"]).expect("alert name")), expr));
+        }
+    }
+    assert!(queries.len() > 10, "{queries:?}");
+    for (origin, expr) in &queries {
+        let read = metrics_in(expr);
+        assert!(!read.is_empty(), "{origin}: `{expr}` reads no resync metric");
+        for metric in read {
+            assert!(exported.contains(&metric), "{origin}: `{metric}` is not a metric resync exports");
+        }
+    }
+}
+
+#[test]
+fn the_shipped_alert_rules_pass_their_promtool_tests() {
+    let dir = root().join("deploy/prometheus");
+    let output = Command::new("promtool")
+        .args(["test", "rules", "alerts.test.yml"])
+        .current_dir(&dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("promtool: {e}; install it with `apt-get install prometheus` (scripts/services-up does)")
+        });
+    assert!(
+        output.status.success(),
+        "promtool test rules failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
