@@ -130,6 +130,14 @@ pub struct FaultsPatch {
     pub outage: Option<OutageNow>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conditional_writes: Option<bool>,
+    /// Holds the next write of this entity id (once it passed every other fault) until
+    /// `release_held`, then applies it whether or not its client is still waiting: a request
+    /// stuck in a proxy and applied after the client gave up. An action, not a setting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_next_write_of: Option<String>,
+    /// Applies the held writes now. An action.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub release_held: Option<bool>,
     /// `Some(Some(seed))` reseeds the RNG; `Some(None)` reseeds it from the OS.
     #[serde(deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub seed: Option<Option<u64>>,

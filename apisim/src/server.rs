@@ -148,9 +148,19 @@ fn router(sim: Arc<Sim>) -> Router {
 struct Sim {
     store: Mutex<Store>,
     faults: Mutex<Faults>,
+    holds: Mutex<Holds>,
     counters: Counters,
     started: Instant,
     stopping: CancellationToken,
+}
+
+/// Writes held until released (`FaultsPatch::hold_next_write_of`).
+#[derive(Default)]
+struct Holds {
+    /// The entity id whose next write is held.
+    next_of: Option<String>,
+    /// Cancelled by `release_held`: every write held so far is applied.
+    release: CancellationToken,
 }
 
 /// Lock-free counters; `by_status` is indexed by the status code.
@@ -194,6 +204,7 @@ impl Sim {
         Self {
             store: Mutex::new(Store::default()),
             faults: Mutex::new(Faults::new(config, now)),
+            holds: Mutex::new(Holds::default()),
             counters: Counters::new(),
             started: now,
             stopping,
@@ -215,7 +226,7 @@ impl Sim {
     }
 
     async fn write(
-        &self,
+        self: &Arc<Self>,
         entity_type: String,
         entity_id: String,
         op: Op,
@@ -270,8 +281,44 @@ impl Sim {
             }
         };
 
-        let ack = WriteAck { entity_type: entity_type.clone(), entity_id: entity_id.clone(), version };
         let write = Write { entity_type, entity_id, version, event_id, op, data, stream, job_id };
+        match self.take_hold(&write.entity_id) {
+            // Applied by a task of its own, so a client that gives up does not cancel it.
+            Some(release) => {
+                let sim = Arc::clone(self);
+                let held = tokio::spawn(async move {
+                    tokio::select! {
+                        () = release.cancelled() => {}
+                        () = sim.stopping.cancelled() => {}
+                    }
+                    sim.apply(write, then_timeout).await
+                });
+                held.await.unwrap_or_else(|e| {
+                    self.answer(StatusCode::INTERNAL_SERVER_ERROR, json!({ "error": e.to_string() }))
+                })
+            }
+            None => self.apply(write, then_timeout).await,
+        }
+    }
+
+    /// The release of the writes held so far, if `entity_id`'s next write is to be held.
+    fn take_hold(&self, entity_id: &str) -> Option<CancellationToken> {
+        let mut holds = lock(&self.holds);
+        if holds.next_of.as_deref() != Some(entity_id) {
+            return None;
+        }
+        holds.next_of = None;
+        Some(holds.release.clone())
+    }
+
+    /// Applies a write that passed every fault, and answers it.
+    async fn apply(&self, write: Write, then_timeout: Option<Duration>) -> Response {
+        let ack = WriteAck {
+            entity_type: write.entity_type.clone(),
+            entity_id: write.entity_id.clone(),
+            version: write.version,
+        };
+        let op = write.op;
         let conditional = lock(&self.faults).config().conditional_writes;
         let applied = if conditional {
             match lock(&self.store).apply_if_newer(write, chrono::Utc::now()) {
@@ -410,6 +457,16 @@ async fn set_faults(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
         Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({ "error": e.to_string() }))).into_response(),
     };
     let result = lock(&sim.faults).patch(&patch, Instant::now());
+    if result.is_ok() {
+        let mut holds = lock(&sim.holds);
+        if patch.release_held == Some(true) {
+            holds.release.cancel();
+            holds.release = CancellationToken::new();
+        }
+        if let Some(entity_id) = &patch.hold_next_write_of {
+            holds.next_of = Some(entity_id.clone());
+        }
+    }
     match result {
         Ok(config) => {
             tracing::info!(?config, "faults changed");
@@ -422,6 +479,8 @@ async fn set_faults(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
 async fn reset(State(sim): State<Arc<Sim>>) -> Response {
     *lock(&sim.store) = Store::default();
     lock(&sim.faults).reset(Instant::now());
+    // Writes already held stay held until released (or the server stops).
+    lock(&sim.holds).next_of = None;
     sim.counters.reset();
     tracing::info!("reset");
     Json(json!({})).into_response()

@@ -620,6 +620,70 @@ async fn sns_sqs_a_third_party_answering_503_for_20s_holds_the_fleet_and_dead_le
     .await;
 }
 
+/// What a write held in transit did once it arrived late: the stale writes in the simulator's
+/// log and the version the simulator kept.
+async fn a_write_that_arrives_late(conditional: bool) -> (Vec<String>, Option<i64>) {
+    let api = ApiConfig { conditional_writes: conditional, ..ApiConfig::default() };
+    let extra = if conditional { "[sink.conditional]\n" } else { "" };
+    let mut world = World::with_sync("rabbitmq", api, 20, extra).await;
+    let (events, mut truth) = shuffled_history(2, 2, 0.0, 31);
+    truth.retain(|id, _| id == "L00001");
+    let mut versions: Vec<Envelope> = events.into_iter().filter(|e| e.entity_id == "L00001").collect();
+    versions.sort_by_key(|e| e.version);
+    let hold = resync_apisim::FaultsPatch { hold_next_write_of: Some("L00001".into()), ..Default::default() };
+    world.client.set_faults(&hold).await.expect("hold the next write");
+
+    // v1's first call is held in transit; the consumer times out (2 s), retries, and v1 lands.
+    world.publish(&versions[..1], truth).await;
+    let _consumer = world.consumer("15s");
+    let client = world.client.clone();
+    let kept = async || client.entity("listing", "L00001").await.expect("read").and_then(|e| e.version);
+    resync_testkit::poll_some(Duration::from_secs(60), "v1 applied by the retry", || async {
+        (kept().await == Some(1)).then_some(())
+    })
+    .await;
+    let truth = world.truth.clone();
+    world.publish(&versions[1..], truth).await;
+    resync_testkit::poll_some(Duration::from_secs(60), "v2 applied", || async {
+        (kept().await == Some(2)).then_some(())
+    })
+    .await;
+
+    // Now the first v1 call arrives.
+    let release = resync_apisim::FaultsPatch { release_held: Some(true), ..Default::default() };
+    world.client.set_faults(&release).await.expect("release the held write");
+    resync_testkit::poll_some(Duration::from_secs(30), "the held write handled", || async {
+        let stats = world.client.stats().await.expect("stats");
+        (stats.requests >= 3 && stats.applied + stats.status(412) >= 3).then_some(())
+    })
+    .await;
+    let log = world.client.log_all().await.expect("log");
+    let version = kept().await;
+    world.cleanup().await;
+    (stale_writes(&log), version)
+}
+
+/// A write that reaches the third party late (held in transit past the consumer's timeout,
+/// as a consumer frozen mid-call or a stuck proxy would deliver it), after a newer version was
+/// applied: a third party enforcing versions refuses it, `[sink.conditional]` counts that as
+/// applied, and the newest version stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_conditional_writes_a_write_that_arrives_late_never_lands_over_a_newer_one() {
+    let (stale, kept) = a_write_that_arrives_late(true).await;
+    assert!(stale.is_empty(), "{stale:?}");
+    assert_eq!(kept, Some(2));
+}
+
+/// The same without conditional writes: the late write lands over the newer version and the
+/// third party keeps the older one. This is why `[sink.conditional]` exists; nothing a consumer
+/// does after its call has left can prevent it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_conditional_writes_a_write_that_arrives_late_lands_over_a_newer_one() {
+    let (stale, kept) = a_write_that_arrives_late(false).await;
+    assert_eq!(stale.len(), 1, "{stale:?}");
+    assert_eq!(kept, Some(1));
+}
+
 /// The sum of every series of a metric on a Prometheus text page (`None`: no series).
 fn sum_of(metrics: &str, name: &str) -> Option<f64> {
     metrics
