@@ -12,6 +12,7 @@ use tracing::debug;
 
 use resync_throttle::SharedCircuit;
 
+use crate::sink::Sink;
 use crate::sink::throttled::ThrottledSink;
 use crate::{Outcome, Tally};
 
@@ -82,7 +83,7 @@ impl Autoscaler {
             last = now;
             let backlog = self.backlog().await;
             let sink_capacity = self.sink.current_rate().await;
-            let held = self.circuit_open().await;
+            let held = self.circuit_open().await || self.sink.held_for().is_some();
             if !held {
                 peak = rate.max(peak * PEAK_DECAY);
                 let inputs =

@@ -50,6 +50,14 @@ pub fn describe() {
         "resync_sink_circuit_transitions_total",
         "Changes of the sink's circuit this process made, by the state it went to."
     );
+    describe_gauge!(
+        "resync_sink_quota_remaining",
+        "Calls left in the sink's budget for the current window (label window: minute, hour, day, or seconds)."
+    );
+    describe_counter!(
+        "resync_sink_quota_spent_total",
+        "Times this process found one of the sink's budgets spent and held, by window."
+    );
     describe_counter!(
         "resync_sink_refused_not_newer_total",
         "Writes the third party refused as not newer than what it has ([sink.conditional]); counted applied."

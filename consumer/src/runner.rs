@@ -85,7 +85,7 @@ const BATCH_LINGER: Duration = Duration::from_millis(2);
 const BACKLOG_LINGER: Duration = Duration::from_millis(250);
 /// Longest wait for messages in one poll, so pause and shutdown are noticed promptly.
 const POLL_WAIT: Duration = Duration::from_millis(500);
-/// How often a queue loop holding for the sink's open circuit looks again.
+/// How often a queue loop holding for the sink (circuit open, quota spent) looks again.
 const CIRCUIT_POLL: Duration = Duration::from_millis(250);
 
 impl Consumer {
@@ -211,6 +211,25 @@ impl QueueLoop {
                 }
                 continue;
             }
+            let batch_size = match self.held_limit(&permits, &mut holding).await {
+                Some(0) => {
+                    if held.load(Ordering::SeqCst) == 0
+                        && self.quota_outlasts_max_hold()
+                        && let Some(open) = subscription.take()
+                    {
+                        info!(queue = %self.queue, "sink quota spent for longer than max_hold: \
+                            prefetched messages go back to the queue until the window turns");
+                        let _ = open.close().await;
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(CIRCUIT_POLL) => {}
+                    }
+                    continue;
+                }
+                Some(limit) => limit,
+                None => self.batch_size,
+            };
             let open = match subscription.as_mut() {
                 Some(open) => open,
                 None => match self
@@ -225,17 +244,6 @@ impl QueueLoop {
                     }
                     Err(source) => break Err(ConsumerError::Queue { queue: self.queue.clone(), source }),
                 },
-            };
-            let batch_size = match self.circuit_limit(&permits, &mut holding).await {
-                Some(0) => {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => {}
-                        _ = tokio::time::sleep(CIRCUIT_POLL) => {}
-                    }
-                    continue;
-                }
-                Some(limit) => limit,
-                None => self.batch_size,
             };
             let Some(taken) = take_permits(&permits, &shutdown, batch_size, last_poll, &held).await else {
                 continue;
@@ -297,25 +305,36 @@ impl QueueLoop {
         }
     }
 
-    /// How many messages the loop may take while the sink's circuit is open (`None`: closed, no
-    /// limit). None while this process already holds events (they wait, and probe when it is
-    /// their turn): messages left in the queue spend none of their deliveries. One when it
-    /// holds none, so that some process has an event to probe with.
-    async fn circuit_limit(&self, permits: &Semaphore, holding: &mut bool) -> Option<usize> {
+    /// How many messages the loop may take while the sink is held (`None`: not held, no limit).
+    /// None while this process already holds events (they wait, and probe when it is their
+    /// turn), or while the sink's quota is spent (its window turns by itself): messages left in
+    /// the queue spend none of their deliveries. One while the circuit is open and the process
+    /// holds no event, so that some process has an event to probe with.
+    async fn held_limit(&self, permits: &Semaphore, holding: &mut bool) -> Option<usize> {
         let open = self.processor.circuit_refreshed_open().await;
-        if open != *holding {
-            *holding = open;
-            if open {
-                warn!(queue = %self.queue, "sink circuit open: taking no new messages until the third party answers");
+        let quota_spent = self.processor.quota_held_for().is_some();
+        let held = open || quota_spent;
+        if held != *holding {
+            *holding = held;
+            if held {
+                let why = if open { "circuit open" } else { "quota spent" };
+                warn!(queue = %self.queue, why, "sink held: taking no new messages until it is free again");
             } else {
-                info!(queue = %self.queue, "sink circuit closed: taking messages again");
+                info!(queue = %self.queue, "sink free again: taking messages");
             }
         }
-        if !open {
+        if !held {
             return None;
         }
         let in_flight = permits.available_permits() < self.concurrency;
-        Some(if in_flight { 0 } else { 1 })
+        Some(if in_flight || quota_spent { 0 } else { 1 })
+    }
+
+    /// The quota turns later than an event may hold for it: keeping prefetched messages unacked
+    /// that long would have the broker take them back anyway, once per RabbitMQ
+    /// `consumer_timeout`, spending a delivery each time; closing spends one, once.
+    fn quota_outlasts_max_hold(&self) -> bool {
+        self.processor.quota_held_for().is_some_and(|left| left > self.processor.max_hold())
     }
 
     /// Reads the pause flag; on a database error keeps the last known state.

@@ -10,8 +10,8 @@ use resync_locks::{LockConfig, LockError, Locker};
 use resync_migrations::Schema;
 
 use resync_throttle::{
-    AdaptiveConcurrency, CircuitConfig, ConcurrencyConfig, RateLimiterConfig, SharedCircuit,
-    SharedRateLimiter,
+    AdaptiveConcurrency, Budget, CircuitConfig, ConcurrencyConfig, QuotaConfig, RateLimiterConfig,
+    SharedCircuit, SharedQuota, SharedRateLimiter,
 };
 
 use crate::autoscale::Autoscaler;
@@ -123,20 +123,37 @@ pub async fn throttled_sink(service: &ServiceConfig, runtime: &Runtime) -> Resul
     let http = http_sink(service)?;
     let sink_name = http.name().to_string();
     let throttle_error = |source| BuildError::Throttle { file: service.source_file.clone(), source };
-    let limit = service.sink.as_ref().and_then(|s| s.rate_limit);
-    let rate = match limit {
-        Some(limit) => {
+    let limit = service.sink.as_ref().and_then(|s| s.rate_limit.as_ref());
+    let key_prefix = runtime.namespace.clone().unwrap_or_else(|| "resync".into());
+    let rate = match limit.and_then(|l| l.per_second.map(|per_second| (l, per_second))) {
+        Some((limit, per_second)) => {
             let config = RateLimiterConfig {
-                key_prefix: runtime.namespace.clone().unwrap_or_else(|| "resync".into()),
+                key_prefix: key_prefix.clone(),
                 sink: sink_name.clone(),
-                max_rate: limit.per_second,
+                max_rate: per_second,
                 min_rate: limit.min_per_second,
                 burst: limit.burst,
                 // Back from the floor to the maximum in about 20 s without overload answers.
-                increase_per_sec: limit.per_second / 20.0,
+                increase_per_sec: per_second / 20.0,
                 ..RateLimiterConfig::default()
             };
             Some(SharedRateLimiter::connect(&runtime.redis_url, config).await.map_err(throttle_error)?)
+        }
+        None => None,
+    };
+    let quota = match limit.filter(|l| !l.quotas.is_empty() || l.max_in_flight.is_some()) {
+        Some(limit) => {
+            let config = QuotaConfig {
+                key_prefix,
+                sink: sink_name.clone(),
+                budgets: limit.quotas.iter().map(|q| Budget { limit: q.limit, window: q.window }).collect(),
+                max_in_flight: limit.max_in_flight,
+                // A call's place outlives its timeout before the fleet may reuse it.
+                in_flight_lease: http.call_timeout().unwrap_or(Duration::from_secs(10))
+                    + Duration::from_secs(5),
+                ..QuotaConfig::default()
+            };
+            Some(SharedQuota::connect(&runtime.redis_url, config).await.map_err(throttle_error)?)
         }
         None => None,
     };
@@ -152,7 +169,11 @@ pub async fn throttled_sink(service: &ServiceConfig, runtime: &Runtime) -> Resul
         None
     };
     let adaptive_rate = limit.is_some_and(|l| l.adaptive);
-    Ok(ThrottledSink::new(Box::new(http), rate, adaptive_rate, concurrency))
+    let sink = ThrottledSink::new(Box::new(http), rate, adaptive_rate, concurrency);
+    Ok(match quota {
+        Some(quota) => sink.with_quota(quota),
+        None => sink,
+    })
 }
 
 /// A consumer of every queue of `service`, applying to its HTTP sink.

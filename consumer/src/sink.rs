@@ -66,11 +66,15 @@ pub enum SinkError {
     /// goes to the dead-letter queue with this status and body.
     #[error("sink rejected the write with status {status}: {body}")]
     Rejected { status: u16, body: String },
+    /// The call was not made: a shared limit holds the sink (a spent quota) for `resumes_in`.
+    /// The event waits, spending none of its attempts, or goes back to its queue for later.
+    #[error("sink held: {reason}")]
+    Held { reason: String, resumes_in: Duration },
 }
 
 impl SinkError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, SinkError::Transient { .. } | SinkError::Overloaded { .. })
+        matches!(self, SinkError::Transient { .. } | SinkError::Overloaded { .. } | SinkError::Held { .. })
     }
 
     /// The third party looks down rather than busy: no connection, no answer in time, or a
@@ -80,7 +84,7 @@ impl SinkError {
         match self {
             SinkError::Transient { outage, .. } => *outage,
             SinkError::Overloaded { status, .. } => *status >= 500,
-            SinkError::Rejected { .. } => false,
+            SinkError::Rejected { .. } | SinkError::Held { .. } => false,
         }
     }
 
@@ -89,6 +93,7 @@ impl SinkError {
             SinkError::Transient { retry_after, .. } | SinkError::Overloaded { retry_after, .. } => {
                 *retry_after
             }
+            SinkError::Held { resumes_in, .. } => Some(*resumes_in),
             SinkError::Rejected { .. } => None,
         }
     }
@@ -106,6 +111,12 @@ pub trait Sink: Send + Sync + 'static {
     /// The longest one call may take (its timeout), if bounded: a consumer starts a call only
     /// while its entity lock has at least this much lease left.
     fn call_timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// How long from now a shared limit refuses every call to this sink (a spent quota), as
+    /// this process last heard: consumers take no new messages meanwhile.
+    fn held_for(&self) -> Option<std::time::Duration> {
         None
     }
 }

@@ -265,11 +265,11 @@ impl Default for CircuitSpec {
     }
 }
 
-/// The third party's rate limit, shared by all consumers of a sink, however many run.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The third party's rate limit and quotas, shared by all consumers of a sink, however many run.
+#[derive(Debug, Clone, PartialEq)]
 pub struct RateLimitSpec {
-    /// Requests per second in total: the most the sink ever sees.
-    pub per_second: f64,
+    /// Requests per second in total: the most the sink ever sees (`None`: no per-second pacing).
+    pub per_second: Option<f64>,
     /// Requests that may go at once above the steady rate.
     pub burst: u32,
     /// Cut the shared rate on 429/503 and climb back while calls succeed, so a lower or
@@ -277,6 +277,19 @@ pub struct RateLimitSpec {
     pub adaptive: bool,
     /// The floor of an adaptive rate.
     pub min_per_second: f64,
+    /// Budgets over fixed windows aligned to UTC (`per_minute`, `per_hour`, `per_day`, and
+    /// `[[sink.rate_limit.quota]]` for other lengths), shortest window first.
+    pub quotas: Vec<QuotaSpec>,
+    /// Calls in flight to the sink across every consumer process.
+    pub max_in_flight: Option<u32>,
+}
+
+/// At most `limit` calls in each window of length `window` (windows start at multiples of
+/// `window` since the Unix epoch, so days turn at 00:00 UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaSpec {
+    pub limit: u64,
+    pub window: Duration,
 }
 
 /// How `resync consume` runs for this service (flags override).
@@ -462,13 +475,36 @@ struct CircuitFile {
 #[serde(deny_unknown_fields)]
 struct RateLimitFile {
     /// Requests per second in total over all consumers (the most the third party sees).
-    per_second: f64,
+    per_second: Option<f64>,
     /// Requests that may go at once above the steady rate (default 1).
     burst: Option<u32>,
     /// Cut the shared rate on 429/503 and climb back while calls succeed (default true).
     adaptive: Option<bool>,
     /// The lowest an adaptive rate goes (default 1% of `per_second`).
     min_per_second: Option<f64>,
+    /// Calls per minute in total (minutes start at :00 UTC); a spent budget holds every
+    /// consumer until the minute turns.
+    per_minute: Option<u64>,
+    /// Calls per hour in total (hours start at :00 UTC).
+    per_hour: Option<u64>,
+    /// Calls per day in total (days start at 00:00 UTC).
+    per_day: Option<u64>,
+    /// Budgets over other windows, e.g. `{ limit = 900, window = "15m" }`.
+    #[serde(default)]
+    quota: Vec<QuotaFile>,
+    /// Calls in flight to the sink at once, over every consumer process.
+    max_in_flight: Option<u32>,
+}
+
+/// `[[sink.rate_limit.quota]]`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct QuotaFile {
+    /// Calls per window in total.
+    limit: u64,
+    /// The window's length, whole seconds from `1s` to `31d` (e.g. `15m`); windows start at
+    /// multiples of it since 1970-01-01 00:00 UTC.
+    window: String,
 }
 
 /// `resync consume` settings (flags override).
@@ -920,25 +956,85 @@ fn validate_circuit(file: &Path, raw: CircuitFile) -> Result<CircuitSpec, Config
 }
 
 fn validate_rate_limit(file: &Path, raw: RateLimitFile) -> Result<RateLimitSpec, ConfigError> {
-    if !(raw.per_second.is_finite() && raw.per_second > 0.0) {
-        let problem = format!("{}: expected requests per second > 0", raw.per_second);
+    if let Some(per_second) = raw.per_second
+        && !(per_second.is_finite() && per_second > 0.0)
+    {
+        let problem = format!("{per_second}: expected requests per second > 0");
         return Err(invalid(file, "sink.rate_limit.per_second", problem));
     }
-    let min_per_second = raw.min_per_second.unwrap_or((raw.per_second / 100.0).max(0.1).min(raw.per_second));
-    if !(min_per_second > 0.0 && min_per_second <= raw.per_second) {
-        let problem = format!("{min_per_second}: expected > 0 and at most per_second ({})", raw.per_second);
+    let reference = raw.per_second.unwrap_or(1.0);
+    let min_per_second = raw.min_per_second.unwrap_or((reference / 100.0).max(0.1).min(reference));
+    if !(min_per_second > 0.0 && min_per_second <= reference) {
+        let problem = format!("{min_per_second}: expected > 0 and at most per_second ({reference})");
         return Err(invalid(file, "sink.rate_limit.min_per_second", problem));
     }
     let burst = raw.burst.unwrap_or(1);
     if burst == 0 {
         return Err(invalid(file, "sink.rate_limit.burst", "0: expected at least 1"));
     }
+    let quotas = validate_quotas(file, &raw)?;
+    if raw.max_in_flight == Some(0) {
+        return Err(invalid(file, "sink.rate_limit.max_in_flight", "0: expected at least 1"));
+    }
+    if raw.per_second.is_none() && quotas.is_empty() && raw.max_in_flight.is_none() {
+        return Err(invalid(
+            file,
+            "sink.rate_limit",
+            "empty: expected per_second, per_minute, per_hour, per_day, [[sink.rate_limit.quota]] or max_in_flight",
+        ));
+    }
     Ok(RateLimitSpec {
         per_second: raw.per_second,
         burst,
         adaptive: raw.adaptive.unwrap_or(true),
         min_per_second,
+        quotas,
+        max_in_flight: raw.max_in_flight,
     })
+}
+
+/// The budgets of `[sink.rate_limit]`, shortest window first; one per window length.
+fn validate_quotas(file: &Path, raw: &RateLimitFile) -> Result<Vec<QuotaSpec>, ConfigError> {
+    let named = [
+        ("per_minute", raw.per_minute, 60),
+        ("per_hour", raw.per_hour, 3600),
+        ("per_day", raw.per_day, 86_400),
+    ];
+    let mut quotas = Vec::new();
+    for (key, limit, secs) in named {
+        match limit {
+            Some(0) => return Err(invalid(file, format!("sink.rate_limit.{key}"), "0: expected at least 1")),
+            Some(limit) => quotas.push(QuotaSpec { limit, window: Duration::from_secs(secs) }),
+            None => {}
+        }
+    }
+    for (index, quota) in raw.quota.iter().enumerate() {
+        let key = format!("sink.rate_limit.quota[{index}]");
+        let window = parse_duration(
+            file,
+            &format!("{key}.window"),
+            &quota.window,
+            Duration::from_secs(1),
+            Duration::from_secs(31 * 86_400),
+        )?;
+        if window.subsec_nanos() != 0 {
+            return Err(invalid(
+                file,
+                format!("{key}.window"),
+                format!("{:?}: expected whole seconds", quota.window),
+            ));
+        }
+        if quota.limit == 0 {
+            return Err(invalid(file, format!("{key}.limit"), "0: expected at least 1"));
+        }
+        if quotas.iter().any(|q: &QuotaSpec| q.window == window) {
+            let problem = format!("{:?}: another budget already counts over this window", quota.window);
+            return Err(invalid(file, format!("{key}.window"), problem));
+        }
+        quotas.push(QuotaSpec { limit: quota.limit, window });
+    }
+    quotas.sort_by_key(|q| q.window);
+    Ok(quotas)
 }
 
 fn validate_consumer(file: &Path, raw: ConsumerFile) -> Result<ConsumerSpec, ConfigError> {
@@ -1114,6 +1210,38 @@ publishes = ["listing.created", "listing.updated", "listing.deleted"]
             ("min_probe_interval = \"10s\"\nmax_probe_interval = \"1s\"", "sink.circuit.max_probe_interval"),
             ("max_hold = \"13h\"", "sink.circuit.max_hold"),
             ("probe_every = \"1s\"", "unknown field `probe_every`"),
+        ] {
+            let err = error(&with(table));
+            assert!(err.contains(key), "{table}: {err}");
+        }
+    }
+
+    #[test]
+    fn quotas_are_read_shortest_window_first_and_their_bad_settings_name_their_key() {
+        let with = |table: &str| format!("{CHANNEL_SYNC}[sink.rate_limit]\n{table}\n");
+        let limit = load_str(
+            "q.toml",
+            &with("per_day = 1000\nper_minute = 60\nmax_in_flight = 8\n[[sink.rate_limit.quota]]\nlimit = 900\nwindow = \"15m\""),
+        )
+        .expect("valid")
+        .sink
+        .and_then(|s| s.rate_limit)
+        .expect("rate limit");
+        assert_eq!(limit.per_second, None, "budgets alone pace nothing per second");
+        let quotas: Vec<(u64, u64)> = limit.quotas.iter().map(|q| (q.limit, q.window.as_secs())).collect();
+        assert_eq!(quotas, [(60, 60), (900, 900), (1000, 86_400)]);
+        assert_eq!(limit.max_in_flight, Some(8));
+        for (table, key) in [
+            ("", "`sink.rate_limit`: empty"),
+            ("per_day = 0", "sink.rate_limit.per_day"),
+            ("max_in_flight = 0", "sink.rate_limit.max_in_flight"),
+            ("[[sink.rate_limit.quota]]\nlimit = 1\nwindow = \"1500ms\"", "sink.rate_limit.quota[0].window"),
+            ("[[sink.rate_limit.quota]]\nlimit = 1\nwindow = \"40d\"", "sink.rate_limit.quota[0].window"),
+            ("[[sink.rate_limit.quota]]\nlimit = 0\nwindow = \"1m\"", "sink.rate_limit.quota[0].limit"),
+            (
+                "per_minute = 5\n[[sink.rate_limit.quota]]\nlimit = 9\nwindow = \"60s\"",
+                "sink.rate_limit.quota[0].window",
+            ),
         ] {
             let err = error(&with(table));
             assert!(err.contains(key), "{table}: {err}");

@@ -13,9 +13,9 @@ pub mod topology;
 pub mod verify;
 
 pub use config::{
-    Catalog, CircuitSpec, ConditionalSpec, ConfigError, ConsumerSpec, RateLimitSpec, ResponseClasses,
-    ServiceConfig, SinkSpec, SourceData, SourceSpec, Subscription, check_namespace, filter_problem, load_dir,
-    load_str,
+    Catalog, CircuitSpec, ConditionalSpec, ConfigError, ConsumerSpec, QuotaSpec, RateLimitSpec,
+    ResponseClasses, ServiceConfig, SinkSpec, SourceData, SourceSpec, Subscription, check_namespace,
+    filter_problem, load_dir, load_str,
 };
 pub use topology::{ApplyError, Binding, Change, Plan, Topology, apply, delete, owner_mark, plan, prune};
 pub use verify::{Probe, Verification, verify};

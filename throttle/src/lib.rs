@@ -1,6 +1,6 @@
 //! `resync-throttle`: lets hundreds of consumer processes share one third party's rate limit.
 //!
-//! Owns three primitives a consumer wraps around every sink call:
+//! Owns four primitives a consumer wraps around every sink call:
 //!
 //! - [`SharedRateLimiter`]: the sink's request rate, shared by every process through one Redis
 //!   hash. A GCRA limiter (one Lua script call per request, Redis `TIME` as the common clock)
@@ -11,6 +11,9 @@
 //! - [`SharedCircuit`]: the sink's circuit breaker, shared by every process through another
 //!   Redis hash. A run of outage failures opens it; one probe at a time across the fleet,
 //!   with growing intervals, closes it again, and every process resumes within a second.
+//! - [`SharedQuota`]: the sink's budgets over fixed windows (per minute, hour, day) and its
+//!   calls in flight across the fleet. A spent budget refuses every call until its window
+//!   turns.
 //! - [`AdaptiveConcurrency`]: how many calls this process keeps in flight to the sink, found
 //!   by AIMD on overload answers and latency, in memory (no Redis).
 //!
@@ -57,6 +60,7 @@ mod circuit;
 mod concurrency;
 mod config;
 mod error;
+mod quota;
 mod rate;
 mod scripts;
 
@@ -64,4 +68,5 @@ pub use circuit::{CircuitConfig, CircuitState, Gate, SharedCircuit};
 pub use concurrency::{AdaptiveConcurrency, ConcurrencyConfig, ConcurrencyPermit, Outcome};
 pub use config::RateLimiterConfig;
 pub use error::ThrottleError;
+pub use quota::{Budget, QuotaConfig, QuotaGate, QuotaTicket, SharedQuota};
 pub use rate::{Admission, SharedRateLimiter, ThrottledOutcome};

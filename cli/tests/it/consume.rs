@@ -620,6 +620,66 @@ async fn sns_sqs_a_third_party_answering_503_for_20s_holds_the_fleet_and_dead_le
     .await;
 }
 
+/// The quota of the quota tests: a short window stands in for a day (the same mechanism: a
+/// `per_day` budget is a window of 86,400 s), so the budget is spent and turns several times.
+const QUOTA_WINDOW: Duration = Duration::from_secs(5);
+const QUOTA_IN_FLIGHT: u64 = 4;
+
+/// Four consumers with live events against a sink whose budget runs out several times mid-run:
+/// whenever it is spent the whole fleet holds (events held spend no delivery: two deliveries
+/// dead-letter here), and when its window turns they resume. No window sees more calls than its
+/// budget, plus those granted before its start and still in flight at it.
+async fn a_spent_quota_holds_the_fleet_until_its_window_turns(
+    kind: &'static str,
+    entities: usize,
+    limit: u64,
+) {
+    let quota = format!(
+        "[sink.rate_limit]\nmax_in_flight = {QUOTA_IN_FLIGHT}\n\
+         [[sink.rate_limit.quota]]\nlimit = {limit}\nwindow = \"{}s\"\n",
+        QUOTA_WINDOW.as_secs()
+    );
+    let mut world = World::with_sync(kind, ApiConfig::default(), 2, &quota).await;
+    let (events, truth) = shuffled_history(entities, 1, 0.0, 41);
+    world.publish(&events, truth).await;
+    let _consumers: Vec<Process> = (0..4).map(|_| world.consumer("15s")).collect();
+
+    world.wait_until_equal(Duration::from_secs(120)).await;
+
+    let queue = resync_bus::naming::queue_name(Some(&world.namespace), "sync", Stream::Live);
+    let dlq = world.transport.queue_depth(&resync_bus::dead_letter_queue_name(&queue)).await.expect("dlq");
+    assert_eq!(dlq.ready, 0, "a spent quota is waited out, never dead-lettered\n{}", world.consumer_logs());
+    let window_ms = QUOTA_WINDOW.as_millis() as i64;
+    let mut per_window = BTreeMap::<i64, u64>::new();
+    for write in world.client.log_all().await.expect("apisim log") {
+        *per_window.entry(write.at.timestamp_millis() / window_ms).or_default() += 1;
+    }
+    eprintln!("{kind}: calls per {QUOTA_WINDOW:?} window: {per_window:?}");
+    for (window, calls) in &per_window {
+        assert!(
+            *calls <= limit + QUOTA_IN_FLIGHT,
+            "window {window} saw {calls} calls against a budget of {limit} (+{QUOTA_IN_FLIGHT} in flight at its start)"
+        );
+    }
+    assert!(
+        world.consumer_logs_whole().contains("sink quota spent"),
+        "no consumer ever found the budget spent: the test proved nothing\n{}",
+        world.consumer_logs()
+    );
+    world.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_a_spent_quota_holds_every_consumer_until_its_window_turns_and_loses_nothing() {
+    a_spent_quota_holds_the_fleet_until_its_window_turns("rabbitmq", 150, 40).await;
+}
+
+/// Smaller on the emulator (see the four-process test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sns_sqs_a_spent_quota_holds_every_consumer_until_its_window_turns_and_loses_nothing() {
+    a_spent_quota_holds_the_fleet_until_its_window_turns("sns-sqs", 80, 25).await;
+}
+
 /// What a write held in transit did once it arrived late: the stale writes in the simulator's
 /// log and the version the simulator kept.
 async fn a_write_that_arrives_late(conditional: bool) -> (Vec<String>, Option<i64>) {

@@ -1,7 +1,8 @@
-//! The sink's shared circuit as one event's calls meet it: hold while the third party is down
-//! (the entity lock renews itself meanwhile), be the fleet's probe when it is this call's
-//! turn, and report how each call went. Failures while the circuit is open are the outage's,
-//! not the event's: they spend none of its attempts.
+//! The sink's shared circuit and quota as one event's calls meet them: hold while the third
+//! party is down or its quota is spent (the entity lock renews itself meanwhile), be the
+//! fleet's probe when it is this call's turn, and report how each call went. Failures while
+//! the circuit is open are the outage's, and refusals of a spent quota the window's, not the
+//! event's: they spend none of its attempts.
 
 use super::*;
 
@@ -40,9 +41,11 @@ impl Processor {
         let Some(circuit) = &self.circuit else { return false };
         let reported = match result {
             Err(err) if err.is_outage() => circuit.failed(probe, err.retry_after()).await,
-            // The call never reached the third party (our own rate limit's Redis was down, say):
-            // nothing to tell. An unanswered probe is given to another after its lease.
-            Err(SinkError::Transient { outage: false, .. }) => return self.circuit_open(),
+            // The call never reached the third party (our own rate limit's Redis was down, or the
+            // quota is spent): nothing to tell. An unmade probe is given to another after its lease.
+            Err(SinkError::Transient { outage: false, .. } | SinkError::Held { .. }) => {
+                return self.circuit_open();
+            }
             // Any answer, a refusal or a 429 included, shows the third party is up.
             _ => circuit.succeeded(probe).await,
         };
@@ -55,6 +58,26 @@ impl Processor {
         }
     }
 
+    /// A spent quota refused the call: wait for its window to turn when that comes within the
+    /// event's `max_hold` (counted over all its holds), else go back to the queue at once:
+    /// waiting longer would only keep the broker's copy in flight.
+    pub(super) async fn hold_for_quota(
+        &self,
+        holding_since: &mut Option<Instant>,
+        reason: String,
+        resumes_in: Duration,
+    ) -> Result<(), ApplyError> {
+        let since = *holding_since.get_or_insert_with(Instant::now);
+        if resumes_in > self.retry.max_hold.saturating_sub(since.elapsed()) {
+            return Err(SinkError::Held { reason, resumes_in }.into());
+        }
+        debug!(?resumes_in, "sink quota spent; waiting for its window to turn");
+        // Spread over a moment, so the fleet does not call in one burst when the window turns.
+        let spread = Duration::from_millis(rand::random_range(0..250));
+        tokio::time::sleep(resumes_in + spread).await;
+        Ok(())
+    }
+
     /// While the circuit is open, nobody gets anywhere with the sink: waiting for an entity's
     /// lock longer than usual costs nothing, while giving up would spend one of the event's
     /// deliveries on the outage.
@@ -63,7 +86,7 @@ impl Processor {
         loop {
             match self.locker.acquire(key).await {
                 Err(LockError::Timeout { .. })
-                    if self.circuit_open() && started.elapsed() < self.retry.max_hold =>
+                    if self.sink_held() && started.elapsed() < self.retry.max_hold =>
                 {
                     debug!(key, "entity lock busy while the sink's circuit is open; waiting on");
                 }
@@ -83,6 +106,16 @@ impl Processor {
                 self.circuit_open()
             }
         }
+    }
+
+    /// The sink's circuit is open or its quota spent, as this process last heard.
+    pub(crate) fn sink_held(&self) -> bool {
+        self.circuit_open() || self.sink.held_for().is_some()
+    }
+
+    /// How long this process last heard the sink's quota is spent for.
+    pub(crate) fn quota_held_for(&self) -> Option<Duration> {
+        self.sink.held_for()
     }
 
     /// This process's view of the sink's circuit: not closed.

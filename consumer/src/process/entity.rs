@@ -165,8 +165,9 @@ impl Processor {
 
     /// Calls the sink, retrying transient failures with exponential backoff and jitter, and
     /// waiting at least as long as the third party's `Retry-After`. Every attempt is made only
-    /// while `lock` (if any) holds for the whole call, and only while the sink's circuit lets
-    /// it through (failures while it is open spend no attempt).
+    /// while `lock` (if any) holds for the whole call, and only while the sink's circuit and
+    /// quota let it through (failures while it is open, and calls a spent quota refuses, spend
+    /// no attempt).
     pub(super) async fn send(
         &self,
         key: EntityKey<'_>,
@@ -197,6 +198,9 @@ impl Processor {
             let outage = self.report_to_circuit(&result, probe).await;
             match result {
                 Ok(()) => return Ok(()),
+                Err(SinkError::Held { reason, resumes_in }) => {
+                    self.hold_for_quota(&mut holding_since, reason, resumes_in).await?;
+                }
                 Err(err) if err.is_transient() && outage => {
                     debug!(error = %err, "sink call failed while its circuit is open; waiting for it");
                 }

@@ -275,6 +275,11 @@ impl Processor {
         Some(DeadLetter { reason: DeadLetterReason::NotSubscribed, detail })
     }
 
+    /// How long an event may wait for a held sink (`sink.circuit.max_hold`).
+    pub(crate) fn max_hold(&self) -> Duration {
+        self.retry.max_hold
+    }
+
     /// What this processor did so far.
     pub fn tally(&self) -> Arc<Tally> {
         self.tally.clone()

@@ -4,6 +4,7 @@
 
 mod circuit;
 mod hold;
+mod quota;
 mod rate_adapts;
 mod shared_rate;
 mod support;
