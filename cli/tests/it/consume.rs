@@ -744,6 +744,86 @@ async fn without_conditional_writes_a_write_that_arrives_late_lands_over_a_newer
     assert_eq!(kept, Some(1));
 }
 
+/// What a consumer frozen (SIGSTOP) mid-call past its lock lease wrote once its call landed:
+/// its v1 call is in transit (held by the simulator) when it freezes; its lock expires, a
+/// second consumer applies v2, then the frozen call arrives. Returns the stale writes in the
+/// simulator's log and the version it kept once both consumers are done with the entity.
+async fn a_consumer_frozen_mid_call(conditional: bool) -> (Vec<String>, Option<i64>) {
+    let api = ApiConfig { conditional_writes: conditional, ..ApiConfig::default() };
+    let extra = if conditional { "[sink.conditional]\n" } else { "" };
+    let mut world = World::with_sync("rabbitmq", api, 20, extra).await;
+    let (events, mut truth) = shuffled_history(2, 2, 0.0, 37);
+    truth.retain(|id, _| id == "L00001");
+    let mut versions: Vec<Envelope> = events.into_iter().filter(|e| e.entity_id == "L00001").collect();
+    versions.sort_by_key(|e| e.version);
+    let hold = resync_apisim::FaultsPatch { hold_next_write_of: Some("L00001".into()), ..Default::default() };
+    world.client.set_faults(&hold).await.expect("hold the next write");
+
+    // One message per consumer at a time: v2 cannot be delivered to the frozen process.
+    let path = world.config_dir.join("sync.toml");
+    let config = std::fs::read_to_string(&path).expect("read config");
+    std::fs::write(&path, config.replace("prefetch = 16", "prefetch = 1")).expect("write config");
+    world.publish(&versions[..1], truth).await;
+    // The shortest lease a 2 s sink timeout allows: it runs out while the process is frozen.
+    let frozen = world.consumer("5s");
+    resync_testkit::poll_some(Duration::from_secs(60), "v1's call at the simulator", || async {
+        (world.client.stats().await.expect("stats").requests >= 1).then_some(())
+    })
+    .await;
+    let pid = frozen.0.id().to_string();
+    signal("-STOP", &pid);
+
+    let _other = world.consumer("5s");
+    let truth = world.truth.clone();
+    world.publish(&versions[1..], truth).await;
+    let client = world.client.clone();
+    let kept = async || client.entity("listing", "L00001").await.expect("read").and_then(|e| e.version);
+    resync_testkit::poll_some(Duration::from_secs(90), "v2 applied by the other consumer", || async {
+        (kept().await == Some(2)).then_some(())
+    })
+    .await;
+
+    // The frozen process's call arrives now, long after its lock expired.
+    let release = resync_apisim::FaultsPatch { release_held: Some(true), ..Default::default() };
+    world.client.set_faults(&release).await.expect("release the held write");
+    resync_testkit::poll_some(Duration::from_secs(30), "the frozen call handled", || async {
+        let stats = world.client.stats().await.expect("stats");
+        (stats.applied + stats.status(412) >= 2).then_some(())
+    })
+    .await;
+    signal("-CONT", &pid);
+    // The woken process settles its v1 (its record of it loses to v2's): the queue drains.
+    let queue = resync_bus::naming::queue_name(Some(&world.namespace), "sync", Stream::Live);
+    resync_testkit::poll_some(Duration::from_secs(60), "the woken consumer done with v1", || async {
+        let depth = world.transport.queue_depth(&queue).await.expect("depth");
+        (depth.ready == 0 && depth.in_flight == 0).then_some(())
+    })
+    .await;
+    let log = world.client.log_all().await.expect("log");
+    let version = kept().await;
+    drop(frozen);
+    world.cleanup().await;
+    (stale_writes(&log), version)
+}
+
+/// With conditional writes, the call of a consumer frozen past its lease lands after the newer
+/// version and the third party refuses it: no stale write, the newest version stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_conditional_writes_a_consumer_frozen_mid_call_past_its_lease_writes_nothing_stale() {
+    let (stale, kept) = a_consumer_frozen_mid_call(true).await;
+    assert!(stale.is_empty(), "{stale:?}");
+    assert_eq!(kept, Some(2));
+}
+
+/// Without them the frozen call lands over the newer version and stays: the known limit of
+/// locks with leases, which no consumer can prevent once its call has left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_conditional_writes_a_consumer_frozen_mid_call_past_its_lease_writes_a_stale_version() {
+    let (stale, kept) = a_consumer_frozen_mid_call(false).await;
+    assert_eq!(stale.len(), 1, "{stale:?}");
+    assert_eq!(kept, Some(1));
+}
+
 /// The sum of every series of a metric on a Prometheus text page (`None`: no series).
 fn sum_of(metrics: &str, name: &str) -> Option<f64> {
     metrics
