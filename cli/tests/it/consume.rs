@@ -747,11 +747,12 @@ async fn without_conditional_writes_a_write_that_arrives_late_lands_over_a_newer
 /// What a consumer frozen (SIGSTOP) mid-call past its lock lease wrote once its call landed:
 /// its v1 call is in transit (held by the simulator) when it freezes; its lock expires, a
 /// second consumer applies v2, then the frozen call arrives. Returns the stale writes in the
-/// simulator's log and the version it kept once both consumers are done with the entity.
-async fn a_consumer_frozen_mid_call(conditional: bool) -> (Vec<String>, Option<i64>) {
+/// simulator's log, the version it kept once both consumers are done with the entity, the
+/// writes it refused as not newer (412), and the messages dead-lettered.
+async fn a_consumer_frozen_mid_call(kind: &'static str, conditional: bool) -> FrozenMidCall {
     let api = ApiConfig { conditional_writes: conditional, ..ApiConfig::default() };
     let extra = if conditional { "[sink.conditional]\n" } else { "" };
-    let mut world = World::with_sync("rabbitmq", api, 20, extra).await;
+    let mut world = World::with_sync(kind, api, 20, extra).await;
     let (events, mut truth) = shuffled_history(2, 2, 0.0, 37);
     truth.retain(|id, _| id == "L00001");
     let mut versions: Vec<Envelope> = events.into_iter().filter(|e| e.entity_id == "L00001").collect();
@@ -792,36 +793,62 @@ async fn a_consumer_frozen_mid_call(conditional: bool) -> (Vec<String>, Option<i
     })
     .await;
     signal("-CONT", &pid);
-    // The woken process settles its v1 (its record of it loses to v2's): the queue drains.
+    // The woken process settles its v1 (its record of it loses to v2's), or on SQS the other
+    // consumer got v1 again once its visibility ran out: the queue drains.
     let queue = resync_bus::naming::queue_name(Some(&world.namespace), "sync", Stream::Live);
-    resync_testkit::poll_some(Duration::from_secs(60), "the woken consumer done with v1", || async {
+    resync_testkit::poll_some(Duration::from_secs(120), "v1 settled", || async {
         let depth = world.transport.queue_depth(&queue).await.expect("depth");
         (depth.ready == 0 && depth.in_flight == 0).then_some(())
     })
     .await;
     let log = world.client.log_all().await.expect("log");
-    let version = kept().await;
+    let dlq = world.transport.queue_depth(&resync_bus::dead_letter_queue_name(&queue)).await.expect("dlq");
+    let result = FrozenMidCall {
+        stale: stale_writes(&log),
+        kept: kept().await,
+        refused: world.client.stats().await.expect("stats").status(412),
+        dead_lettered: dlq.ready,
+    };
     drop(frozen);
     world.cleanup().await;
-    (stale_writes(&log), version)
+    result
+}
+
+#[derive(Debug)]
+struct FrozenMidCall {
+    stale: Vec<String>,
+    kept: Option<i64>,
+    refused: u64,
+    dead_lettered: u64,
 }
 
 /// With conditional writes, the call of a consumer frozen past its lease lands after the newer
-/// version and the third party refuses it: no stale write, the newest version stays.
+/// version and the third party refuses it (412): no stale write, the newest version stays, and
+/// the woken consumer counts the refusal as applied rather than dead-lettering its event.
+async fn with_conditional_writes_a_frozen_call_writes_nothing_stale(kind: &'static str) {
+    let frozen = a_consumer_frozen_mid_call(kind, true).await;
+    assert!(frozen.stale.is_empty(), "{frozen:?}");
+    assert_eq!((frozen.kept, frozen.refused, frozen.dead_lettered), (Some(2), 1, 0), "{frozen:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_conditional_writes_a_consumer_frozen_mid_call_past_its_lease_writes_nothing_stale() {
-    let (stale, kept) = a_consumer_frozen_mid_call(true).await;
-    assert!(stale.is_empty(), "{stale:?}");
-    assert_eq!(kept, Some(2));
+async fn rabbitmq_with_conditional_writes_a_consumer_frozen_mid_call_past_its_lease_writes_nothing_stale() {
+    with_conditional_writes_a_frozen_call_writes_nothing_stale("rabbitmq").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sns_sqs_with_conditional_writes_a_consumer_frozen_mid_call_past_its_lease_writes_nothing_stale() {
+    with_conditional_writes_a_frozen_call_writes_nothing_stale("sns-sqs").await;
 }
 
 /// Without them the frozen call lands over the newer version and stays: the known limit of
 /// locks with leases, which no consumer can prevent once its call has left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_conditional_writes_a_consumer_frozen_mid_call_past_its_lease_writes_a_stale_version() {
-    let (stale, kept) = a_consumer_frozen_mid_call(false).await;
-    assert_eq!(stale.len(), 1, "{stale:?}");
-    assert_eq!(kept, Some(1));
+async fn rabbitmq_without_conditional_writes_a_consumer_frozen_mid_call_past_its_lease_writes_a_stale_version()
+ {
+    let frozen = a_consumer_frozen_mid_call("rabbitmq", false).await;
+    assert_eq!(frozen.stale.len(), 1, "{frozen:?}");
+    assert_eq!(frozen.kept, Some(1), "{frozen:?}");
 }
 
 /// The sum of every series of a metric on a Prometheus text page (`None`: no series).
