@@ -396,11 +396,24 @@ pub trait Subscription: Send {
 pub(crate) trait Settle: Send + Sync {
     async fn ack(&mut self) -> Result<()>;
     async fn nack(&mut self, delay: Duration) -> Result<()>;
-    async fn dead_letter(&mut self, body: &Bytes, attributes: Attributes) -> Result<()>;
+    /// Publishes `body` with `attributes` to `queue` (the message's own queue, or its DLQ), to be
+    /// delivered after `delay` where the broker supports it, then removes this message. Publish
+    /// first, remove second: a crash in between leaves a duplicate, never a loss.
+    async fn move_to(
+        &mut self,
+        queue: &str,
+        body: &Bytes,
+        attributes: Attributes,
+        delay: Duration,
+    ) -> Result<()>;
 }
 
-/// One received message. Settle it with [`Delivery::ack`], [`Delivery::nack`] or
-/// [`Delivery::dead_letter`]; dropping it unsettled returns it to the queue.
+/// The header in which RabbitMQ quorum queues count a message's earlier deliveries.
+pub(crate) const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+
+/// One received message. Settle it with [`Delivery::ack`], [`Delivery::nack`],
+/// [`Delivery::requeue_fresh`] or [`Delivery::dead_letter`]; dropping it unsettled returns it to
+/// the queue.
 pub struct Delivery {
     pub body: Bytes,
     pub attributes: Attributes,
@@ -456,7 +469,20 @@ impl Delivery {
     /// Give up on the message: publish it to the queue's DLQ with the reason, then remove it.
     pub async fn dead_letter(mut self, dead_letter: &DeadLetter) -> Result<()> {
         let attributes = dead_letter.attributes(&self.attributes, self.receive_count, &self.queue);
-        self.settle.dead_letter(&self.body, attributes).await
+        let dlq = dead_letter_queue_name(&self.queue);
+        self.settle.move_to(&dlq, &self.body, attributes, Duration::ZERO).await
+    }
+
+    /// Return the message to its queue as a fresh copy whose delivery count starts again, then
+    /// remove this one: for a message that was never given a fair try (its sink was held), so
+    /// that waiting spends none of the deliveries the queue allows before dead-lettering.
+    /// Redelivered after `delay` where the broker supports it (SQS up to 15 min, memory).
+    pub async fn requeue_fresh(mut self, delay: Duration) -> Result<()> {
+        let mut attributes = std::mem::take(&mut self.attributes);
+        // The broker's count of earlier deliveries (RabbitMQ quorum queues) stays behind.
+        attributes.remove(DELIVERY_COUNT_HEADER);
+        let queue = self.queue.clone();
+        self.settle.move_to(&queue, &self.body, attributes, delay).await
     }
 }
 

@@ -50,6 +50,10 @@ pub fn describe() {
         "resync_sink_circuit_transitions_total",
         "Changes of the sink's circuit this process made, by the state it went to."
     );
+    describe_counter!(
+        "resync_consumer_held_requeues_total",
+        "Events that waited max_hold for a held sink (circuit open, quota spent) and went back to their queue as fresh copies."
+    );
     describe_gauge!(
         "resync_sink_quota_remaining",
         "Calls left in the sink's budget for the current window (label window: minute, hour, day, or seconds)."

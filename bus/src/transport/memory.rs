@@ -385,11 +385,17 @@ impl Settle for MemorySettle {
         Ok(())
     }
 
-    async fn dead_letter(&mut self, body: &Bytes, attributes: Attributes) -> Result<()> {
-        let dlq = dead_letter_queue_name(&self.queue);
-        let stored = StoredMessage { body: body.clone(), attributes, receive_count: 0, not_before: None };
-        if !enqueue(&mut lock(&self.state), &dlq, stored) {
-            return Err(TransportError::NotFound(dlq));
+    async fn move_to(
+        &mut self,
+        queue: &str,
+        body: &Bytes,
+        attributes: Attributes,
+        delay: Duration,
+    ) -> Result<()> {
+        let not_before = (!delay.is_zero()).then(|| Instant::now() + delay);
+        let stored = StoredMessage { body: body.clone(), attributes, receive_count: 0, not_before };
+        if !enqueue(&mut lock(&self.state), queue, stored) {
+            return Err(TransportError::NotFound(queue.to_string()));
         }
         self.take().map(drop)
     }

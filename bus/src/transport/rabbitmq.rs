@@ -791,14 +791,17 @@ impl RabbitSubscription {
     fn delivery(&self, d: lapin::message::Delivery) -> Delivery {
         let attributes = attributes_of(&d.properties);
         // Quorum queues count earlier failed deliveries in `x-delivery-count`.
-        let receive_count =
-            match d.properties.headers().as_ref().and_then(|h| h.inner().get("x-delivery-count")) {
-                Some(count) => integer_of(count).map_or(1, |n| u32::try_from(n).unwrap_or(u32::MAX - 1) + 1),
-                None if d.redelivered => 2,
-                None => 1,
-            };
-        let settle =
-            AmqpSettle { acker: Some(d.acker), publisher: self.publisher.clone(), queue: self.queue.clone() };
+        let receive_count = match d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(crate::transport::DELIVERY_COUNT_HEADER))
+        {
+            Some(count) => integer_of(count).map_or(1, |n| u32::try_from(n).unwrap_or(u32::MAX - 1) + 1),
+            None if d.redelivered => 2,
+            None => 1,
+        };
+        let settle = AmqpSettle { acker: Some(d.acker), publisher: self.publisher.clone() };
         Delivery::new(Bytes::from(d.data), attributes, receive_count, self.queue.clone(), Box::new(settle))
     }
 }
@@ -856,7 +859,6 @@ struct AmqpSettle {
     /// `Some` until settled; a drop with `Some` requeues.
     acker: Option<lapin::Acker>,
     publisher: Arc<Publisher>,
-    queue: String,
 }
 
 fn settled(result: lapin::Result<bool>) -> Result<()> {
@@ -879,12 +881,21 @@ impl Settle for AmqpSettle {
         settled(acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await)
     }
 
-    async fn dead_letter(&mut self, body: &Bytes, attributes: Attributes) -> Result<()> {
-        let dlq = dead_letter_queue_name(&self.queue);
-        let message =
-            OutgoingMessage { body: body.clone(), attributes, routing_key: dlq.clone(), id: String::new() };
-        // Publish first, ack second: a crash in between leaves a duplicate, never a loss.
-        self.publisher.publish_sized(&Destination::Queue(dlq), vec![message], false).await?;
+    async fn move_to(
+        &mut self,
+        queue: &str,
+        body: &Bytes,
+        attributes: Attributes,
+        _delay: Duration,
+    ) -> Result<()> {
+        // RabbitMQ has no per-message delay (a nack redelivers at once too).
+        let message = OutgoingMessage {
+            body: body.clone(),
+            attributes,
+            routing_key: queue.to_string(),
+            id: String::new(),
+        };
+        self.publisher.publish_sized(&Destination::Queue(queue.to_string()), vec![message], false).await?;
         self.ack().await
     }
 }

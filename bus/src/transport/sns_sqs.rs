@@ -1135,6 +1135,25 @@ struct SqsSettle {
 }
 
 impl SqsSettle {
+    /// The URL of this queue's DLQ, looked up once per subscription.
+    async fn dead_letter_queue_url(&self) -> Result<String> {
+        let dlq = dead_letter_queue_name(&self.queue);
+        let url = self
+            .dlq_url
+            .get_or_try_init(|| async {
+                let out = self
+                    .sqs
+                    .get_queue_url()
+                    .queue_name(&dlq)
+                    .send()
+                    .await
+                    .map_err(|e| op_error("GetQueueUrl", &dlq, &e))?;
+                Ok::<_, TransportError>(out.queue_url().unwrap_or_default().to_string())
+            })
+            .await?;
+        Ok(url.clone())
+    }
+
     fn release(&mut self) -> Option<String> {
         held_lock(&self.held).remove(&self.id);
         self.receipt.take()
@@ -1176,32 +1195,29 @@ impl Settle for SqsSettle {
         Ok(())
     }
 
-    async fn dead_letter(&mut self, body: &Bytes, attributes: Attributes) -> Result<()> {
-        let dlq = dead_letter_queue_name(&self.queue);
-        let dlq_url = self
-            .dlq_url
-            .get_or_try_init(|| async {
-                let out = self
-                    .sqs
-                    .get_queue_url()
-                    .queue_name(&dlq)
-                    .send()
-                    .await
-                    .map_err(|e| op_error("GetQueueUrl", &dlq, &e))?;
-                Ok::<_, TransportError>(out.queue_url().unwrap_or_default().to_string())
-            })
-            .await?
-            .clone();
-        let message =
-            OutgoingMessage { body: body.clone(), attributes, routing_key: dlq.clone(), id: String::new() };
-        let mut send = self.sqs.send_message().queue_url(dlq_url).message_body(String::from_utf8_lossy(body));
-        for (key, value) in message.attributes.iter().filter(|(_, v)| !v.is_empty()).take(MAX_ATTRIBUTES) {
+    async fn move_to(
+        &mut self,
+        queue: &str,
+        body: &Bytes,
+        attributes: Attributes,
+        delay: Duration,
+    ) -> Result<()> {
+        let url =
+            if queue == self.queue { self.queue_url.clone() } else { self.dead_letter_queue_url().await? };
+        // SQS delays a message by at most 15 minutes.
+        let delay = i32::try_from(delay.as_secs().min(900)).unwrap_or(0);
+        let mut send = self
+            .sqs
+            .send_message()
+            .queue_url(url)
+            .message_body(String::from_utf8_lossy(body))
+            .delay_seconds(delay);
+        for (key, value) in attributes.iter().filter(|(_, v)| !v.is_empty()).take(MAX_ATTRIBUTES) {
             if let Ok(attribute) = SqsAttribute::builder().data_type("String").string_value(value).build() {
                 send = send.message_attributes(key, attribute);
             }
         }
-        // Send first, delete second: a crash in between leaves a duplicate, never a loss.
-        send.send().await.map_err(|e| op_error("SendMessage", &dlq, &e))?;
+        send.send().await.map_err(|e| op_error("SendMessage", queue, &e))?;
         self.delete().await
     }
 }

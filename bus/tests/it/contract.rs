@@ -144,6 +144,33 @@ pub(crate) async fn ack_removes_and_nack_redelivers(transport: Arc<dyn Transport
     .await;
 }
 
+pub(crate) async fn a_fresh_copy_keeps_the_message_and_starts_its_delivery_count_again(
+    transport: Arc<dyn Transport>,
+) {
+    let mut spec = QueueSpec::new(unique_name("q"));
+    spec.max_receive_count = 2;
+    let topology = Topology::with_specs(transport, vec![(spec, Filter::all())]).await;
+    with_topology(topology, |t| async move {
+        t.transport.publish(&t.topic(), message("held", 1)).await.expect("publish");
+        let mut sub = t.subscribe(0).await;
+        let first = receive(sub.as_mut(), 1, DELIVERY_LIMIT).await.remove(0);
+        first.nack(Duration::ZERO).await.expect("nack");
+        let second = receive(sub.as_mut(), 1, DELIVERY_LIMIT).await.remove(0);
+        assert_eq!(second.receive_count, 2);
+        let (body, event_type) = (second.body.clone(), second.attributes.get(attr::TYPE).cloned());
+        // At the queue's limit of 2: a plain return now would dead-letter it.
+        second.requeue_fresh(Duration::ZERO).await.expect("requeue a fresh copy");
+        let fresh = receive(sub.as_mut(), 1, DELIVERY_LIMIT).await.remove(0);
+        assert_eq!(fresh.receive_count, 1, "the copy's deliveries are counted from 1 again");
+        assert_eq!((&fresh.body, fresh.attributes.get(attr::TYPE)), (&body, event_type.as_ref()));
+        fresh.ack().await.expect("ack");
+        assert_nothing_arrives(sub.as_mut(), QUIET).await;
+        let mut dlq = t.subscribe_dlq(0).await;
+        assert_nothing_arrives(dlq.as_mut(), QUIET).await;
+    })
+    .await;
+}
+
 pub(crate) async fn consumer_that_dies_unacked_loses_nothing(transport: Arc<dyn Transport>) {
     let mut spec = QueueSpec::new(unique_name("q"));
     spec.visibility_timeout = Duration::from_secs(2);
@@ -342,6 +369,7 @@ macro_rules! contract_suite {
                 filters_route_only_subscribed_types,
                 two_consumers_share_one_queue,
                 ack_removes_and_nack_redelivers,
+                a_fresh_copy_keeps_the_message_and_starts_its_delivery_count_again,
                 consumer_that_dies_unacked_loses_nothing,
                 held_message_stays_invisible_while_handler_runs,
                 batch_publish_reports_failed_entries_and_sends_the_rest,

@@ -512,15 +512,37 @@ async fn a_third_party_down_longer_than_every_retry_holds_the_fleet_and_dead_let
     down: Down,
     entities: usize,
 ) {
+    down_longer_than_every_retry(
+        kind,
+        down,
+        Outage { entities, versions: 3, max_receive_count: 3, max_hold: None },
+    )
+    .await;
+}
+
+/// How a circuit test is shaped besides the transport and the fault.
+struct Outage {
+    entities: usize,
+    versions: i64,
+    max_receive_count: u32,
+    /// `[sink.circuit] max_hold`, when the test shortens it below the outage.
+    max_hold: Option<&'static str>,
+}
+
+async fn down_longer_than_every_retry(kind: &'static str, down: Down, outage: Outage) {
+    let Outage { entities, versions, max_receive_count, max_hold } = outage;
     let api = ApiConfig { latency: Some(Latency::Fixed { fixed_ms: 20.0 }), ..ApiConfig::default() };
-    let circuit = format!(
+    let mut circuit = format!(
         "[sink.circuit]\nfailure_threshold = 5\nmin_probe_interval = \"{}ms\"\nmax_probe_interval = \"1s\"\n",
         MIN_PROBE_INTERVAL.as_millis()
     );
-    let mut world = World::with_sync(kind, api, 3, &circuit).await;
+    if let Some(max_hold) = max_hold {
+        circuit.push_str(&format!("max_hold = \"{max_hold}\"\n"));
+    }
+    let mut world = World::with_sync(kind, api, max_receive_count, &circuit).await;
     let proxy = resync_testkit::proxy::TcpProxy::start(world.api.addr()).await;
     world.route_sink_through(&proxy);
-    let (events, truth) = shuffled_history(entities, 3, 0.0, 21);
+    let (events, truth) = shuffled_history(entities, versions, 0.0, 21);
     world.publish(&events, truth).await;
     let _consumers: Vec<Process> = (0..4).map(|_| world.consumer("15s")).collect();
     resync_testkit::poll_some(Duration::from_secs(120), "a tenth of the writes applied", || async {
@@ -576,7 +598,29 @@ async fn a_third_party_down_longer_than_every_retry_holds_the_fleet_and_dead_let
         "{calls_during} calls reached the third party in {window:?} of outage: more than one per probe \
          interval ({probes_allowed})"
     );
+    if max_hold.is_some() {
+        assert!(
+            world.consumer_logs_whole().contains("as a fresh copy"),
+            "no event was held past max_hold: the test proved nothing\n{}",
+            world.consumer_logs()
+        );
+    }
     world.cleanup().await;
+}
+
+/// The outage outlasts `max_hold` many times over, with two deliveries allowed: events held
+/// that long go back to their queue as fresh copies, so none spends a delivery on the outage
+/// and none is dead-lettered (one version per entity: no entity lock is waited for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_events_held_past_max_hold_go_back_as_fresh_copies_and_none_is_dead_lettered() {
+    let outage = Outage { entities: 200, versions: 1, max_receive_count: 2, max_hold: Some("2s") };
+    down_longer_than_every_retry("rabbitmq", Down::Refusing, outage).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sns_sqs_events_held_past_max_hold_go_back_as_fresh_copies_and_none_is_dead_lettered() {
+    let outage = Outage { entities: 80, versions: 1, max_receive_count: 2, max_hold: Some("2s") };
+    down_longer_than_every_retry("sns-sqs", Down::Refusing, outage).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

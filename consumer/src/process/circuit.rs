@@ -23,7 +23,7 @@ impl Processor {
                             "the sink's circuit stayed open for {:?} (sink.circuit.max_hold); the event goes back to its queue",
                             self.retry.max_hold
                         );
-                        return Err(SinkError::Transient { reason, retry_after: None, outage: false }.into());
+                        return Err(SinkError::Held { reason, resumes_in: wait }.into());
                     }
                     tokio::time::sleep(wait).await;
                 }

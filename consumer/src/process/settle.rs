@@ -30,6 +30,9 @@ impl Processor {
                     self.remember_dead_letter(envelope, &dead).await;
                     self.dead_letter(delivery, dead).await
                 }
+                Err(ApplyError::Sink(SinkError::Held { reason, .. })) => {
+                    self.requeue_held(delivery, &reason).await
+                }
                 Err(err) => self.retry_later(delivery, envelope, err).await,
             }
         }
@@ -70,6 +73,21 @@ impl Processor {
         if let Err(nack_err) = delivery.nack(delay).await {
             warn!(error = %nack_err, "nack failed; the broker redelivers the message anyway");
         }
+        Outcome::Requeued
+    }
+
+    /// The event waited for a held sink (circuit open, quota spent) as long as it may and was
+    /// never given a fair try: it goes back as a fresh copy, so someone else's outage spends
+    /// none of the deliveries the queue allows. Should the copy fail, a plain return does
+    /// (counted, as any retry).
+    async fn requeue_held(&self, delivery: Delivery, reason: &str) -> Outcome {
+        // Back in a moment: the queue loops take nothing new while the sink is held anyway.
+        let delay = self.retry.min_backoff;
+        warn!(reason, "sink held past max_hold; the event goes back to its queue as a fresh copy");
+        if let Err(err) = delivery.requeue_fresh(delay).await {
+            warn!(error = %err, "could not requeue a fresh copy; the broker redelivers the message");
+        }
+        metrics::counter!("resync_consumer_held_requeues_total").increment(1);
         Outcome::Requeued
     }
 
