@@ -497,24 +497,14 @@ fn every_command_line_is_accepted_by_the_real_binary() {
 #[test]
 fn env_vars_are_ones_resync_reads_and_sinks_get_their_secrets() {
     // Every RESYNC_* name the code reads, as a string literal in a crate's src/.
-    fn scan(dir: &Path, names: &mut BTreeSet<String>) {
-        for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
-            let path = entry.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            if path.is_dir() && !["target", ".git", "deploy", "tests"].contains(&name) {
-                scan(&path, names);
-            } else if name.ends_with(".rs") && path.components().any(|c| c.as_os_str() == "src") {
-                let text = std::fs::read_to_string(&path).expect("source");
-                for piece in text.split("\"RESYNC_").skip(1) {
-                    if let Some(end) = piece.find('"') {
-                        names.insert(format!("RESYNC_{}", &piece[..end]));
-                    }
-                }
+    let mut read_by_code = BTreeSet::new();
+    for text in crate_sources() {
+        for piece in text.split("\"RESYNC_").skip(1) {
+            if let Some(end) = piece.find('"') {
+                read_by_code.insert(format!("RESYNC_{}", &piece[..end]));
             }
         }
     }
-    let mut read_by_code = BTreeSet::new();
-    scan(root(), &mut read_by_code);
     assert!(read_by_code.contains("RESYNC_DATABASE_URL"), "{read_by_code:?}");
     for invocation in all_invocations() {
         if let Some(Some(namespace)) = invocation.env.get("RESYNC_NAMESPACE") {
@@ -821,30 +811,38 @@ fn the_shipped_binaries_do_not_link_the_demo_the_api_simulator_or_test_support()
 /// Names of the metrics the code exports: every `counter!`, `gauge!` and `histogram!` of a
 /// `resync_` metric in the crates' sources.
 fn exported_metrics() -> BTreeSet<String> {
-    fn scan(dir: &Path, names: &mut BTreeSet<String>) {
-        for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
-            let path = entry.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            if path.is_dir() && !["target", ".git", "deploy", "tests"].contains(&name) {
-                scan(&path, names);
-            } else if name.ends_with(".rs") && path.components().any(|c| c.as_os_str() == "src") {
-                let text = std::fs::read_to_string(&path).expect("source");
-                for macro_call in ["counter!(", "gauge!(", "histogram!("] {
-                    for piece in text.split(macro_call).skip(1) {
-                        let piece = piece.trim_start().trim_start_matches('"');
-                        let metric: String =
-                            piece.chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
-                        if metric.starts_with("resync_") {
-                            names.insert(metric);
-                        }
-                    }
+    let mut names = BTreeSet::new();
+    for text in crate_sources() {
+        for macro_call in ["counter!(", "gauge!(", "histogram!("] {
+            for piece in text.split(macro_call).skip(1) {
+                let piece = piece.trim_start().trim_start_matches('"');
+                let metric: String =
+                    piece.chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
+                if metric.starts_with("resync_") {
+                    names.insert(metric);
                 }
             }
         }
     }
-    let mut names = BTreeSet::new();
-    scan(root(), &mut names);
     names
+}
+
+/// The text of every `.rs` file under a crate's `src/` (not tests, deploy or build output).
+fn crate_sources() -> Vec<String> {
+    fn scan(dir: &Path, texts: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
+            let path = entry.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if path.is_dir() && !["target", ".git", "deploy", "tests"].contains(&name) {
+                scan(&path, texts);
+            } else if name.ends_with(".rs") && path.components().any(|c| c.as_os_str() == "src") {
+                texts.push(std::fs::read_to_string(&path).expect("source"));
+            }
+        }
+    }
+    let mut texts = Vec::new();
+    scan(root(), &mut texts);
+    texts
 }
 
 /// The `resync_` metric names a PromQL expression reads (histogram series by their metric).
