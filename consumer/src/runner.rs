@@ -306,7 +306,7 @@ impl QueueLoop {
     }
 
     /// How many messages the loop may take while the sink is held (`None`: not held, no limit).
-    /// None while this process already holds events (they wait, and probe when it is their
+    /// Zero while this process already holds events (they wait, and probe when it is their
     /// turn), or while the sink's quota is spent (its window turns by itself): messages left in
     /// the queue spend none of their deliveries. One while the circuit is open and the process
     /// holds no event, so that some process has an event to probe with.
