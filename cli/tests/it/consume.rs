@@ -372,9 +372,16 @@ async fn a_consumer_killed_mid_stream_loses_nothing(kind: &'static str, entities
     world.cleanup().await;
 }
 
-/// Four consumer processes share one rate limit through Redis: the third party never sees more
-/// than the configured rate in total (over any second), and everything is
-/// applied. Each process also adapts its concurrency.
+/// Four consumer processes share one rate limit through Redis, and everything is applied. Each
+/// process also adapts its concurrency.
+///
+/// The exact bound (at most `rate` in any second) is checked on the limiter's own slots in
+/// `throttle/tests/it/shared_rate.rs`. Here the evidence is the third party's arrival stamps,
+/// which carry network and scheduling jitter that can bunch writes admitted a moment apart,
+/// so the test checks what no jitter can break: a write arrives after its slot, the slots are
+/// `1/rate` apart (burst 1), and the first is after the consumers started, so the last of `N`
+/// writes cannot arrive before `(N - 1) / rate` has passed. Four processes each keeping the
+/// limit on their own would finish in a quarter of that.
 async fn consumer_processes_share_the_sinks_rate_limit(kind: &'static str, rate: usize) {
     let mut world = World::new(kind, ApiConfig::default()).await;
     let mut config =
@@ -384,21 +391,21 @@ async fn consumer_processes_share_the_sinks_rate_limit(kind: &'static str, rate:
     std::io::Write::write_all(&mut config, limit.as_bytes()).expect("append the rate limit");
     let (events, truth) = shuffled_history(3 * rate, 1, 0.0, 8);
     world.publish(&events, truth).await;
+    let started = chrono::Utc::now();
     let _consumers: Vec<Process> = (0..4).map(|_| world.consumer("15s")).collect();
     world.wait_until_equal(Duration::from_secs(120)).await;
 
-    let mut times: Vec<chrono::DateTime<chrono::Utc>> =
-        world.client.log_all().await.expect("apisim log").into_iter().map(|w| w.at).collect();
-    times.sort();
-    assert_eq!(times.len(), 3 * rate, "one write per entity");
-    // The busiest one-second window: the GCRA admits `rate` per second plus a burst of 1; the
-    // simulator stamps writes after the network, whose jitter can bunch a few admitted a
-    // moment apart (2% plus 2 allowed for it).
-    let busiest = (0..times.len())
-        .map(|i| times[i..].iter().take_while(|t| **t - times[i] < chrono::TimeDelta::seconds(1)).count())
-        .max()
-        .unwrap_or(0);
-    assert!(busiest <= rate + 1 + rate / 50 + 2, "{busiest} writes within one second, limit {rate}/s");
+    let writes = world.client.log_all().await.expect("apisim log");
+    assert_eq!(writes.len(), 3 * rate, "one write per entity");
+    let last = writes.iter().map(|w| w.at).max().expect("writes");
+    let took = (last - started).to_std().unwrap_or_default();
+    let fastest_allowed = Duration::from_secs_f64((writes.len() - 1) as f64 / rate as f64);
+    assert!(
+        took >= fastest_allowed,
+        "{} writes arrived within {took:?} of the consumers starting; {rate}/s allows no less than \
+         {fastest_allowed:?}",
+        writes.len()
+    );
     // The writes went through the shared limiter (its Redis state, kept a minute past use).
     let mut redis = resync_testkit::redis_connection().await;
     let key = format!("{}:throttle:sync", world.namespace);
