@@ -215,7 +215,7 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
             );
             let mut reports = Vec::new();
             for sink in &sinks {
-                reports.push(resync_snapshotter::verify(&pool, schema, id, sink).await?);
+                reports.push(resync_snapshotter::verify_job(&pool, schema, id, sink).await?);
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&reports)?);

@@ -135,7 +135,7 @@ impl Catalog {
 pub struct ServiceConfig {
     pub name: String,
     pub publishes: Vec<String>,
-    pub subscriptions: Vec<Subscription>,
+    pub subscriptions: Vec<SubscriptionSpec>,
     pub sink: Option<SinkSpec>,
     pub consumer: ConsumerSpec,
     /// Where `resync job start` reads this service's entities for a full resync.
@@ -181,7 +181,7 @@ impl ServiceConfig {
 
 /// Event types a service receives on some streams, with the settings of their queue.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Subscription {
+pub struct SubscriptionSpec {
     pub types: Vec<String>,
     pub streams: Vec<Stream>,
     pub max_receive_count: u32,
@@ -735,7 +735,11 @@ fn check_event_type(file: &Path, key: &str, text: &str, wildcard: bool) -> Resul
     ))
 }
 
-fn validate_subscription(file: &Path, i: usize, raw: SubscriptionFile) -> Result<Subscription, ConfigError> {
+fn validate_subscription(
+    file: &Path,
+    i: usize,
+    raw: SubscriptionFile,
+) -> Result<SubscriptionSpec, ConfigError> {
     let key = |k: &str| format!("subscriptions[{i}].{k}");
     if raw.types.is_empty() {
         return Err(invalid(file, key("types"), "expected at least one event type"));
@@ -788,12 +792,12 @@ fn validate_subscription(file: &Path, i: usize, raw: SubscriptionFile) -> Result
              order, so standard queues are correct and scale further (remove the key or set it to false)",
         ));
     }
-    Ok(Subscription { types: raw.types, streams, max_receive_count, visibility_timeout })
+    Ok(SubscriptionSpec { types: raw.types, streams, max_receive_count, visibility_timeout })
 }
 
 /// One queue per (service, stream): every subscription feeding it must ask for the same
 /// queue settings.
-fn check_queue_settings_agree(file: &Path, subscriptions: &[Subscription]) -> Result<(), ConfigError> {
+fn check_queue_settings_agree(file: &Path, subscriptions: &[SubscriptionSpec]) -> Result<(), ConfigError> {
     let mut first: BTreeMap<&'static str, (usize, u32, Duration)> = BTreeMap::new();
     for (i, sub) in subscriptions.iter().enumerate() {
         for stream in &sub.streams {

@@ -127,7 +127,7 @@ async fn run(cli: &Cli, transport: &dyn Transport, topology: &Topology) -> Resul
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { wait } => {
-            let verification = fare_config::verify(transport, topology, wait).await?;
+            let verification = fare_config::verify_routes(transport, topology, wait).await?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&verification)?);
             } else {

@@ -40,15 +40,15 @@ impl Probe {
     }
 }
 
-/// What `verify` found.
+/// What [`verify_routes`] found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Verification {
+pub struct RouteVerification {
     pub probes: Vec<Probe>,
     /// Messages that were not this run's probes, put back in their queues.
     pub requeued: u64,
 }
 
-impl Verification {
+impl RouteVerification {
     pub fn ok(&self) -> bool {
         self.probes.iter().all(Probe::ok)
     }
@@ -89,11 +89,11 @@ fn probes(desired: &Topology) -> Vec<(Probe, Stream)> {
 
 /// Publishes the probes, drains every declared queue until its expected probes arrived (and a
 /// quiet poll after, to catch what should not arrive) or `wait` passed, and reports.
-pub async fn verify(
+pub async fn verify_routes(
     transport: &dyn Transport,
     desired: &Topology,
     wait: Duration,
-) -> Result<Verification, TransportError> {
+) -> Result<RouteVerification, TransportError> {
     let run = Uuid::now_v7();
     let entity_id = format!("fare-probe-{run}");
     let mut probes = probes(desired);
@@ -121,7 +121,7 @@ pub async fn verify(
             }
         }
     }
-    Ok(Verification { probes: probes.into_iter().map(|(p, _)| p).collect(), requeued })
+    Ok(RouteVerification { probes: probes.into_iter().map(|(p, _)| p).collect(), requeued })
 }
 
 /// Receives from `queue` until `expected` probes of `run` arrived and one poll after came back

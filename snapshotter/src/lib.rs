@@ -41,7 +41,7 @@ pub use job::{
 pub use lifecycle::{Milestone, cancel, drive, pause, resume, start};
 pub use query::{SourceQuery, VersionSource};
 pub use run::{SourceRow, run};
-pub use verify::{Drift, MAX_DRIFT_LISTED, Verification, verify};
+pub use verify::{Drift, JobVerification, MAX_DRIFT_LISTED, verify_job};
 
 /// Errors of a job.
 #[derive(Debug, thiserror::Error)]

@@ -22,7 +22,7 @@ pub struct Drift {
 
 /// What `verify` found for one sink.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Verification {
+pub struct JobVerification {
     pub sink: String,
     /// Source rows compared.
     pub checked: u64,
@@ -37,10 +37,11 @@ pub const MAX_DRIFT_LISTED: usize = 1000;
 /// Compares the job's source rows, as they are now, with what `sink` has applied (the
 /// consumer's `applied_versions`): an entity is drifting when the sink never applied it or
 /// applied another version than the row's.
-pub async fn verify(pool: &PgPool, schema: &Schema, id: Uuid, sink: &str) -> Result<Verification> {
+pub async fn verify_job(pool: &PgPool, schema: &Schema, id: Uuid, sink: &str) -> Result<JobVerification> {
     let spec = load_spec(pool, schema, id).await?;
     let mut reader = open_snapshot(pool).await?;
-    let mut report = Verification { sink: sink.to_string(), checked: 0, drift: Vec::new(), drift_count: 0 };
+    let mut report =
+        JobVerification { sink: sink.to_string(), checked: 0, drift: Vec::new(), drift_count: 0 };
     let mut checkpoint: Option<String> = None;
     loop {
         let rows = spec.query.chunk(&mut reader, checkpoint.as_deref(), None, 1000).await?;

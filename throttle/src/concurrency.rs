@@ -88,7 +88,7 @@ impl ConcurrencyConfig {
 
 /// How a call made under a [`ConcurrencyPermit`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum CallOutcome {
     /// The sink accepted the call after `latency`.
     Success { latency: Duration },
     /// The sink said it is overloaded (HTTP 429 or 503).
@@ -146,7 +146,7 @@ pub struct ConcurrencyPermit {
     /// `saturations` before this permit was taken. Only a success during full use shows the
     /// limit can grow; calls trickling in one at a time say nothing about a larger limit.
     saturation_mark: u64,
-    outcome: Option<Outcome>,
+    outcome: Option<CallOutcome>,
 }
 
 impl std::fmt::Debug for ConcurrencyPermit {
@@ -221,7 +221,7 @@ impl AdaptiveConcurrency {
 
 impl ConcurrencyPermit {
     /// Reports how the call went and frees the slot.
-    pub fn done(mut self, outcome: Outcome) {
+    pub fn done(mut self, outcome: CallOutcome) {
         self.outcome = Some(outcome);
     }
 }
@@ -239,21 +239,21 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn release(&self, epoch: u64, saturation_mark: u64, outcome: Option<Outcome>) {
+    fn release(&self, epoch: u64, saturation_mark: u64, outcome: Option<CallOutcome>) {
         let (before, after, in_flight) = {
             let mut state = self.lock();
             state.in_flight -= 1;
             let before = state.usable();
             match outcome {
-                Some(Outcome::Success { latency }) => {
+                Some(CallOutcome::Success { latency }) => {
                     if state.latency_too_high(latency, self.config.latency_tolerance) {
                         state.decrease(epoch, &self.config);
                     } else if state.saturations > saturation_mark {
                         state.count_success(&self.config);
                     }
                 }
-                Some(Outcome::Overloaded) => state.decrease(epoch, &self.config),
-                Some(Outcome::Failed) | None => {}
+                Some(CallOutcome::Overloaded) => state.decrease(epoch, &self.config),
+                Some(CallOutcome::Failed) | None => {}
             }
             (before, state.usable(), state.in_flight)
         };
@@ -321,7 +321,7 @@ impl State {
 mod tests {
     use super::*;
 
-    const FAST: Outcome = Outcome::Success { latency: Duration::from_millis(10) };
+    const FAST: CallOutcome = CallOutcome::Success { latency: Duration::from_millis(10) };
 
     fn limiter(initial: usize, min: usize, max: usize) -> AdaptiveConcurrency {
         let config = ConcurrencyConfig { initial, min, max, ..ConcurrencyConfig::default() };
@@ -329,7 +329,7 @@ mod tests {
     }
 
     /// Takes every slot, then completes them all with `outcome`.
-    fn full_round(limiter: &AdaptiveConcurrency, outcome: Outcome) {
+    fn full_round(limiter: &AdaptiveConcurrency, outcome: CallOutcome) {
         let permits: Vec<_> = std::iter::from_fn(|| limiter.try_acquire()).collect();
         assert_eq!(permits.len(), limiter.limit(), "a full round takes every slot");
         for permit in permits {
@@ -361,17 +361,17 @@ mod tests {
         let limiter = limiter(20, 1, 64);
         let permits: Vec<_> = (0..5).map(|_| limiter.try_acquire().expect("slot")).collect();
         for permit in permits {
-            permit.done(Outcome::Overloaded);
+            permit.done(CallOutcome::Overloaded);
         }
         assert_eq!(limiter.limit(), 14, "five reports from one round cut once: 20 × 0.7");
-        limiter.try_acquire().expect("slot").done(Outcome::Overloaded);
+        limiter.try_acquire().expect("slot").done(CallOutcome::Overloaded);
         assert_eq!(limiter.limit(), 9, "a permit taken after the cut cuts again: 14 × 0.7 = 9.8");
     }
 
     #[test]
     fn failures_change_nothing() {
         let limiter = limiter(4, 1, 64);
-        full_round(&limiter, Outcome::Failed);
+        full_round(&limiter, CallOutcome::Failed);
         assert_eq!(limiter.limit(), 4);
     }
 
@@ -382,7 +382,7 @@ mod tests {
             limiter.try_acquire().expect("slot").done(FAST);
         }
         assert_eq!(limiter.limit(), 10);
-        let slow = Outcome::Success { latency: Duration::from_millis(60) };
+        let slow = CallOutcome::Success { latency: Duration::from_millis(60) };
         for _ in 0..4 {
             limiter.try_acquire().expect("slot").done(slow);
         }
@@ -395,7 +395,7 @@ mod tests {
         for _ in 0..10 {
             limiter.try_acquire().expect("slot").done(FAST);
         }
-        let slow = Outcome::Success { latency: Duration::from_millis(30) };
+        let slow = CallOutcome::Success { latency: Duration::from_millis(30) };
         limiter.try_acquire().expect("slot").done(slow);
         assert_eq!(limiter.limit(), 10);
     }
@@ -404,7 +404,7 @@ mod tests {
     fn limit_stays_within_bounds() {
         let limiter = limiter(3, 2, 5);
         for _ in 0..10 {
-            limiter.try_acquire().expect("slot").done(Outcome::Overloaded);
+            limiter.try_acquire().expect("slot").done(CallOutcome::Overloaded);
         }
         assert_eq!(limiter.limit(), 2, "floor is min");
         for _ in 0..20 {
@@ -438,7 +438,7 @@ mod tests {
                     peak.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
                     tokio::time::sleep(Duration::from_millis(1)).await;
                     in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                    permit.done(Outcome::Failed);
+                    permit.done(CallOutcome::Failed);
                 })
             })
             .collect();
@@ -467,7 +467,7 @@ mod tests {
     async fn a_cut_while_full_admits_no_one_until_below_the_new_limit() {
         let limiter = limiter(4, 1, 4);
         let mut permits: Vec<_> = std::iter::from_fn(|| limiter.try_acquire()).collect();
-        permits.pop().expect("four permits").done(Outcome::Overloaded);
+        permits.pop().expect("four permits").done(CallOutcome::Overloaded);
         assert_eq!(limiter.limit(), 2, "4 × 0.7 = 2.8");
         assert_eq!(limiter.in_flight(), 3);
         assert!(limiter.try_acquire().is_none());

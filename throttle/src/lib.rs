@@ -31,7 +31,7 @@
 //! ```no_run
 //! use std::time::Duration;
 //! use resync_throttle::{
-//!     AdaptiveConcurrency, ConcurrencyConfig, Outcome, RateLimiterConfig, SharedRateLimiter,
+//!     AdaptiveConcurrency, ConcurrencyConfig, CallOutcome, RateLimiterConfig, SharedRateLimiter,
 //! };
 //!
 //! # async fn demo() -> Result<(), resync_throttle::ThrottleError> {
@@ -48,10 +48,10 @@
 //!     429 | 503 => {
 //!         let retry_after = Some(Duration::from_secs(2)); // from the Retry-After header
 //!         rate.throttled(retry_after).await?;
-//!         permit.done(Outcome::Overloaded);
+//!         permit.done(CallOutcome::Overloaded);
 //!     }
-//!     200..=299 => permit.done(Outcome::Success { latency: started.elapsed() }),
-//!     _ => permit.done(Outcome::Failed),
+//!     200..=299 => permit.done(CallOutcome::Success { latency: started.elapsed() }),
+//!     _ => permit.done(CallOutcome::Failed),
 //! }
 //! # Ok(()) }
 //! ```
@@ -65,7 +65,7 @@ mod rate;
 mod scripts;
 
 pub use circuit::{CircuitConfig, CircuitState, Gate, SharedCircuit};
-pub use concurrency::{AdaptiveConcurrency, ConcurrencyConfig, ConcurrencyPermit, Outcome};
+pub use concurrency::{AdaptiveConcurrency, CallOutcome, ConcurrencyConfig, ConcurrencyPermit};
 pub use config::RateLimiterConfig;
 pub use error::ThrottleError;
 pub use quota::{Budget, QuotaConfig, QuotaGate, QuotaTicket, SharedQuota};

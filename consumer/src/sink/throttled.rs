@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rand::Rng;
-use resync_throttle::{AdaptiveConcurrency, Outcome, QuotaGate, QuotaTicket, SharedQuota, SharedRateLimiter};
+use resync_throttle::{
+    AdaptiveConcurrency, CallOutcome, QuotaGate, QuotaTicket, SharedQuota, SharedRateLimiter,
+};
 use tracing::{debug, warn};
 
 use crate::sink::{Sink, SinkError, SinkWrite};
@@ -131,12 +133,12 @@ impl Sink for ThrottledSink {
         let result = self.inner.apply(write).await;
         self.release_quota(ticket).await;
         let outcome = match &result {
-            Ok(()) => Outcome::Success { latency: started.elapsed() },
+            Ok(()) => CallOutcome::Success { latency: started.elapsed() },
             Err(err @ SinkError::Overloaded { .. }) => {
                 self.report_overload(err).await;
-                Outcome::Overloaded
+                CallOutcome::Overloaded
             }
-            Err(_) => Outcome::Failed,
+            Err(_) => CallOutcome::Failed,
         };
         if let Some(permit) = permit {
             permit.done(outcome);

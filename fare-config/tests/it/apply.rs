@@ -222,8 +222,9 @@ async fn verify_confirms_routes_and_finds_a_broken_one(kind: &str) {
     let topology = Topology::desired(&catalog(), Some(&namespace));
     fare_config::apply(transport.as_ref(), &topology).await.expect("apply");
 
-    let verified =
-        fare_config::verify(transport.as_ref(), &topology, Duration::from_secs(20)).await.expect("verify");
+    let verified = fare_config::verify_routes(transport.as_ref(), &topology, Duration::from_secs(20))
+        .await
+        .expect("verify");
     assert!(verified.ok(), "every route delivers as declared: {verified:#?}");
     assert_eq!(
         verified.probes.len(),
@@ -236,8 +237,9 @@ async fn verify_confirms_routes_and_finds_a_broken_one(kind: &str) {
     let routed_away = resync_bus::Filter::types(["listing.deleted"]);
     transport.unbind(&topic, &search, &routed_away).await.expect("break a route behind fare's back");
 
-    let broken =
-        fare_config::verify(transport.as_ref(), &topology, Duration::from_secs(5)).await.expect("verify");
+    let broken = fare_config::verify_routes(transport.as_ref(), &topology, Duration::from_secs(5))
+        .await
+        .expect("verify");
     let failed: Vec<_> = broken.probes.iter().filter(|p| !p.ok()).collect();
     assert_eq!(failed.len(), 1, "{broken:#?}");
     assert_eq!((failed[0].event_type.as_str(), failed[0].missing()), ("listing.deleted", vec![&search]));
