@@ -20,7 +20,7 @@ pub struct Drift {
     pub applied_version: Option<i64>,
 }
 
-/// What `verify` found for one sink.
+/// What [`verify_job`] found for one sink.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct JobVerification {
     pub sink: String,
