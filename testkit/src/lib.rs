@@ -104,6 +104,11 @@ pub async fn pttl(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> i6
     redis::cmd("PTTL").arg(key).query_async(conn).await.expect("PTTL")
 }
 
+/// A field of a Redis hash (`None`: no such key or field).
+pub async fn hget(conn: &mut redis::aio::MultiplexedConnection, key: &str, field: &str) -> Option<String> {
+    redis::cmd("HGET").arg(key).arg(field).query_async(conn).await.expect("HGET")
+}
+
 /// Fails the test if `fut` has not finished within `limit`: a hang guard, not a timing claim.
 pub async fn within<T>(
     limit: std::time::Duration,

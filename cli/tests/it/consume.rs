@@ -132,8 +132,12 @@ impl World {
 
     /// Writes the truth to the source table and publishes the history to the live topic.
     async fn publish(&mut self, events: &[Envelope], truth: BTreeMap<String, Expected>) {
-        self.source.insert_all(&self.pool, &truth).await.expect("source rows");
-        self.truth = truth;
+        self.seed(truth).await;
+        self.publish_events(events).await;
+    }
+
+    /// Publishes events to the live topic (the truth is written already).
+    async fn publish_events(&self, events: &[Envelope]) {
         let topic = Destination::Topic(resync_bus::naming::topic_name(
             Some(&self.namespace),
             "listing",
@@ -145,7 +149,7 @@ impl World {
         }
     }
 
-    /// Writes the truth to the source table only: the third party learns it from a resync.
+    /// Writes the truth to the source table: what the third party must end up holding.
     async fn seed(&mut self, truth: BTreeMap<String, Expected>) {
         self.source.insert_all(&self.pool, &truth).await.expect("source rows");
         self.truth = truth;
@@ -550,10 +554,17 @@ async fn down_longer_than_every_retry(kind: &'static str, down: Down, outage: Ou
     let proxy = resync_testkit::proxy::TcpProxy::start(world.api.addr()).await;
     world.route_sink_through(&proxy);
     let (events, truth) = shuffled_history(entities, versions, 0.0, 21);
-    world.publish(&events, truth).await;
+    // A third of the entities are published before the outage, the rest once it has begun: the
+    // consumers, however fast, cannot have finished before it (then nothing would be held).
+    let early: std::collections::BTreeSet<String> = truth.keys().take(entities / 3).cloned().collect();
+    let (before, during): (Vec<Envelope>, Vec<Envelope>) =
+        events.into_iter().partition(|event| early.contains(&event.entity_id));
+    world.seed(truth).await;
+    world.publish_events(&before).await;
     let _consumers: Vec<Process> = (0..4).map(|_| world.consumer("15s")).collect();
-    resync_testkit::poll_some(Duration::from_secs(120), "a tenth of the writes applied", || async {
-        (world.applied_writes().await >= (entities as u64 * 3) / 10).then_some(())
+    // Every early entity gets at least one write (its newest version); half of them is "flowing".
+    resync_testkit::poll_some(Duration::from_secs(120), "writes flowing before the outage", || async {
+        (world.applied_writes().await >= early.len() as u64 / 2).then_some(())
     })
     .await;
 
@@ -572,10 +583,19 @@ async fn down_longer_than_every_retry(kind: &'static str, down: Down, outage: Ou
         }
     }
     let down_at = tokio::time::Instant::now();
-    // The outage's length is the fault under test, not a wait for a condition. Its first
-    // seconds open the circuit (calls in flight fail); from then on only probes get through.
-    let settled = Duration::from_secs(5);
-    tokio::time::sleep(settled).await;
+    world.publish_events(&during).await;
+    // The outage's length is the fault under test, not a wait for a condition. Its first calls
+    // fail and open the shared circuit. The window counted starts a few seconds later: calls
+    // in flight then have failed, and every process has seen the circuit open (from its own
+    // failures or its next read of the shared state); from then on only probes get through.
+    let circuit = format!("{}:circuit:sync", world.namespace);
+    let redis = resync_testkit::redis_connection().await;
+    resync_testkit::poll_some(Duration::from_secs(60), "the shared circuit opened", || {
+        let (mut redis, circuit) = (redis.clone(), &circuit);
+        async move { resync_testkit::hget(&mut redis, circuit, "opened_at").await.map(|_| ()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let (window_start, calls_before) = (tokio::time::Instant::now(), calls_while_down().await);
     tokio::time::sleep_until(down_at + LONG_OUTAGE - Duration::from_secs(1)).await;
     let (window, calls_during) = (window_start.elapsed(), calls_while_down().await - calls_before);
