@@ -48,7 +48,7 @@ impl Locker {
         config.validate()?;
         let conn = crate::redis_conn::connect(url, config.op_timeout)
             .await
-            .map_err(|reason| LockError::Connect { url: crate::redis_conn::redact(url), reason })?;
+            .map_err(|reason| LockError::Connect { url: resync_redact::redact_password(url), reason })?;
         let inner = Inner { conn, config, scripts: Scripts::new() };
         Ok(Self { inner: Arc::new(inner) })
     }

@@ -9,7 +9,7 @@ use tokio::time::timeout;
 
 /// Connects to `url` (`redis://`, or `rediss://` for TLS; a password in the URL is used for
 /// `AUTH`) and checks that the server answers, within `op_timeout`. The error is a reason to
-/// show next to [`redact`]ed URL.
+/// show next to the URL as [`resync_redact::redact_password`] prints it.
 pub async fn connect(url: &str, op_timeout: Duration) -> Result<ConnectionManager, String> {
     let client = Client::open(url).map_err(|e| e.to_string())?;
     if matches!(client.get_connection_info().addr(), ConnectionAddr::TcpTls { .. }) {
@@ -38,16 +38,6 @@ fn install_tls_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
-/// The URL without its password, for error messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}://***{}", &url[..scheme_end], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 /// Connection-level failures, plus the server replies that mean "not now" (loading a dump,
 /// a replica during failover): worth retrying later.
 pub fn is_unavailable(err: &RedisError) -> bool {
@@ -65,15 +55,4 @@ pub fn is_unavailable(err: &RedisError) -> bool {
                     | ServerErrorKind::ReadOnly
             )
         )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redact_hides_the_password_only() {
-        assert_eq!(redact("rediss://:s3cret@cache:6380/0"), "rediss://***@cache:6380/0");
-        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
-    }
 }

@@ -235,7 +235,7 @@ impl SharedQuota {
         config.validate()?;
         let conn = redis_conn::connect(url, config.op_timeout)
             .await
-            .map_err(|reason| ThrottleError::Connect { url: redis_conn::redact(url), reason })?;
+            .map_err(|reason| ThrottleError::Connect { url: resync_redact::redact_password(url), reason })?;
         Self::with_connection(conn, config)
     }
 

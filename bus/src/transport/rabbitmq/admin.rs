@@ -16,7 +16,7 @@ use crate::transport::{
 };
 
 impl RabbitMqTransport {
-    pub(super) async fn declare_topic(&self, topic: &str, owner: Option<&str>) -> Result<()> {
+    pub(super) async fn declare_exchange(&self, topic: &str, owner: Option<&str>) -> Result<()> {
         let channel = self.admin_channel().await?;
         let options = ExchangeDeclareOptions { durable: true, ..Default::default() };
         channel
@@ -27,7 +27,7 @@ impl RabbitMqTransport {
         Ok(())
     }
 
-    pub(super) async fn declare_queue(&self, spec: &QueueSpec) -> Result<()> {
+    pub(super) async fn declare_quorum_queues(&self, spec: &QueueSpec) -> Result<()> {
         let channel = self.admin_channel().await?;
         let dlq = dead_letter_queue_name(&spec.name);
         let mut dlq_args = owned_arguments(spec.owner.as_deref());
@@ -44,7 +44,7 @@ impl RabbitMqTransport {
         Ok(())
     }
 
-    pub(super) async fn bind(&self, topic: &str, queue: &str, filter: &Filter) -> Result<()> {
+    pub(super) async fn bind_routing_keys(&self, topic: &str, queue: &str, filter: &Filter) -> Result<()> {
         let channel = self.admin_channel().await?;
         for pattern in &filter.patterns {
             let key = binding_key(pattern);
@@ -63,7 +63,7 @@ impl RabbitMqTransport {
         Ok(())
     }
 
-    pub(super) async fn unbind(&self, topic: &str, queue: &str, filter: &Filter) -> Result<()> {
+    pub(super) async fn unbind_routing_keys(&self, topic: &str, queue: &str, filter: &Filter) -> Result<()> {
         let channel = self.admin_channel().await?;
         for pattern in &filter.patterns {
             let key = binding_key(pattern);
@@ -76,7 +76,7 @@ impl RabbitMqTransport {
         Ok(())
     }
 
-    pub(super) async fn inventory(&self, prefix: &str) -> Result<Inventory> {
+    pub(super) async fn inventory_from_management_api(&self, prefix: &str) -> Result<Inventory> {
         let api = self.config.management_endpoint()?;
         let exchanges: Vec<ManagedExchange> = api.list("exchanges").await?;
         let queues: Vec<ManagedQueue> = api.list("queues").await?;
@@ -117,7 +117,7 @@ impl RabbitMqTransport {
         Ok(inventory)
     }
 
-    pub(super) async fn delete_queue(&self, queue: &str) -> Result<()> {
+    pub(super) async fn delete_queue_and_its_dlq(&self, queue: &str) -> Result<()> {
         for name in [queue.to_string(), dead_letter_queue_name(queue)] {
             let channel = self.admin_channel().await?;
             channel
@@ -129,7 +129,7 @@ impl RabbitMqTransport {
         Ok(())
     }
 
-    pub(super) async fn delete_topic(&self, topic: &str) -> Result<()> {
+    pub(super) async fn delete_exchange(&self, topic: &str) -> Result<()> {
         let channel = self.admin_channel().await?;
         channel
             .exchange_delete(topic.into(), ExchangeDeleteOptions::default())
@@ -139,7 +139,7 @@ impl RabbitMqTransport {
         Ok(())
     }
 
-    pub(super) async fn queue_depth(&self, queue: &str) -> Result<QueueDepth> {
+    pub(super) async fn count_ready_messages(&self, queue: &str) -> Result<QueueDepth> {
         let channel = self.admin_channel().await?;
         let options = QueueDeclareOptions { passive: true, ..Default::default() };
         let declared = channel

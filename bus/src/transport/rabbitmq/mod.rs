@@ -63,18 +63,7 @@ impl RabbitMqConfig {
 
     /// The URL with any password replaced, for logs and errors.
     fn redacted_url(&self) -> String {
-        redact_password(&self.url)
-    }
-}
-
-fn redact_password(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{}://{user}:***@{}", &url[..scheme_end], &url[at + 1..])
-        }
-        _ => url.to_string(),
+        resync_redact::redact_password(&self.url)
     }
 }
 
@@ -185,9 +174,7 @@ impl RabbitMqTransport {
     }
 }
 
-// The long bodies live in `admin`, `publish` and `subscribe`, as inherent methods of the same
-// names: an inherent method is found before a trait method, so `self.bind(..)` below calls the
-// one in `admin` (without it, the trait method would call itself).
+// The bodies live in `admin`, `publish` and `subscribe`, named for what this backend does.
 #[async_trait]
 impl Transport for RabbitMqTransport {
     fn kind(&self) -> &'static str {
@@ -195,31 +182,31 @@ impl Transport for RabbitMqTransport {
     }
 
     async fn declare_topic(&self, topic: &str, owner: Option<&str>) -> Result<()> {
-        self.declare_topic(topic, owner).await
+        self.declare_exchange(topic, owner).await
     }
 
     async fn declare_queue(&self, spec: &QueueSpec) -> Result<()> {
-        self.declare_queue(spec).await
+        self.declare_quorum_queues(spec).await
     }
 
     async fn bind(&self, topic: &str, queue: &str, filter: &Filter) -> Result<()> {
-        self.bind(topic, queue, filter).await
+        self.bind_routing_keys(topic, queue, filter).await
     }
 
     async fn unbind(&self, topic: &str, queue: &str, filter: &Filter) -> Result<()> {
-        self.unbind(topic, queue, filter).await
+        self.unbind_routing_keys(topic, queue, filter).await
     }
 
     async fn inventory(&self, prefix: &str) -> Result<Inventory> {
-        self.inventory(prefix).await
+        self.inventory_from_management_api(prefix).await
     }
 
     async fn delete_queue(&self, queue: &str) -> Result<()> {
-        self.delete_queue(queue).await
+        self.delete_queue_and_its_dlq(queue).await
     }
 
     async fn delete_topic(&self, topic: &str) -> Result<()> {
-        self.delete_topic(topic).await
+        self.delete_exchange(topic).await
     }
 
     async fn publish_batch(&self, destination: &Destination, messages: Vec<OutgoingMessage>) -> Result<()> {
@@ -227,11 +214,11 @@ impl Transport for RabbitMqTransport {
     }
 
     async fn subscribe(&self, queue: &str, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
-        self.subscribe(queue, options).await
+        self.start_consumer(queue, options).await
     }
 
     async fn queue_depth(&self, queue: &str) -> Result<QueueDepth> {
-        self.queue_depth(queue).await
+        self.count_ready_messages(queue).await
     }
 
     async fn close(&self) -> Result<()> {
@@ -240,16 +227,5 @@ impl Transport for RabbitMqTransport {
             let _ = admin.close(200, "resync shutting down".into()).await;
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_are_redacted_from_urls() {
-        assert_eq!(redact_password("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
-        assert_eq!(redact_password("amqp://host:5672"), "amqp://host:5672");
     }
 }

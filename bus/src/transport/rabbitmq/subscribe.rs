@@ -24,7 +24,7 @@ use crate::transport::{
 };
 
 impl RabbitMqTransport {
-    pub(super) async fn subscribe(
+    pub(super) async fn start_consumer(
         &self,
         queue: &str,
         options: SubscribeOptions,

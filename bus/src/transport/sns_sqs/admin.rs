@@ -17,7 +17,7 @@ use crate::transport::{
 };
 
 impl SnsSqsTransport {
-    pub(super) async fn declare_topic(&self, topic: &str, owner: Option<&str>) -> Result<()> {
+    pub(super) async fn create_tagged_topic(&self, topic: &str, owner: Option<&str>) -> Result<()> {
         let tags = owner.map(|owner| Tag::builder().key(OWNER_MARK).value(owner).build()).transpose();
         let tags = tags.map_err(|e| TransportError::Config(format!("ownership tag: {e}")))?;
         let created =
@@ -40,7 +40,7 @@ impl SnsSqsTransport {
         Ok(())
     }
 
-    pub(super) async fn declare_queue(&self, spec: &QueueSpec) -> Result<()> {
+    pub(super) async fn create_queue_with_dlq(&self, spec: &QueueSpec) -> Result<()> {
         let dlq = dead_letter_queue_name(&spec.name);
         let owner = spec.owner.as_deref();
         let dlq_url = self.create_queue(&dlq, HashMap::new(), owner).await?;
@@ -55,7 +55,12 @@ impl SnsSqsTransport {
         Ok(())
     }
 
-    pub(super) async fn bind(&self, topic: &str, queue: &str, filter: &Filter) -> Result<()> {
+    pub(super) async fn subscribe_with_filter(
+        &self,
+        topic: &str,
+        queue: &str,
+        filter: &Filter,
+    ) -> Result<()> {
         let topic_arn = self.topic_arn(topic).await?;
         let queue_url = self.queue_url(queue).await?;
         let queue_arn = self.queue_arn(&queue_url).await?;
@@ -90,7 +95,12 @@ impl SnsSqsTransport {
         Ok(())
     }
 
-    pub(super) async fn unbind(&self, topic: &str, queue: &str, filter: &Filter) -> Result<()> {
+    pub(super) async fn narrow_or_unsubscribe(
+        &self,
+        topic: &str,
+        queue: &str,
+        filter: &Filter,
+    ) -> Result<()> {
         let topic_arn = match self.topic_arn(topic).await {
             Ok(arn) => arn,
             Err(TransportError::NotFound(_)) => return Ok(()),
@@ -122,7 +132,7 @@ impl SnsSqsTransport {
         self.disallow_topic(&queue_url, &topic_arn).await
     }
 
-    pub(super) async fn inventory(&self, prefix: &str) -> Result<Inventory> {
+    pub(super) async fn inventory_by_prefix(&self, prefix: &str) -> Result<Inventory> {
         let mut inventory = Inventory::default();
         let urls = self.queue_urls_with_prefix(prefix).await?;
         let names: BTreeMap<String, String> = urls
@@ -159,7 +169,7 @@ impl SnsSqsTransport {
         Ok(inventory)
     }
 
-    pub(super) async fn delete_queue(&self, queue: &str) -> Result<()> {
+    pub(super) async fn delete_queue_and_its_dlq(&self, queue: &str) -> Result<()> {
         for name in [queue.to_string(), dead_letter_queue_name(queue)] {
             let url = match self.queue_url(&name).await {
                 Ok(url) => url,
@@ -176,7 +186,7 @@ impl SnsSqsTransport {
         Ok(())
     }
 
-    pub(super) async fn delete_topic(&self, topic: &str) -> Result<()> {
+    pub(super) async fn delete_sns_topic(&self, topic: &str) -> Result<()> {
         let arn = match self.topic_arn(topic).await {
             Ok(arn) => arn,
             Err(TransportError::NotFound(_)) => return Ok(()),
@@ -193,7 +203,7 @@ impl SnsSqsTransport {
         Ok(())
     }
 
-    pub(super) async fn queue_depth(&self, queue: &str) -> Result<QueueDepth> {
+    pub(super) async fn approximate_depth(&self, queue: &str) -> Result<QueueDepth> {
         let url = self.queue_url(queue).await?;
         let out = self
             .sqs

@@ -219,9 +219,7 @@ fn forget(map: &Mutex<HashMap<String, String>>, key: &str) {
     map.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
 }
 
-// The long bodies live in `admin`, `publish` and `subscribe`, as inherent methods of the same
-// names: an inherent method is found before a trait method, so `self.bind(..)` below calls the
-// one in `admin` (without it, the trait method would call itself).
+// The bodies live in `admin`, `publish` and `subscribe`, named for what this backend does.
 #[async_trait]
 impl Transport for SnsSqsTransport {
     fn kind(&self) -> &'static str {
@@ -229,43 +227,43 @@ impl Transport for SnsSqsTransport {
     }
 
     async fn declare_topic(&self, topic: &str, owner: Option<&str>) -> Result<()> {
-        self.declare_topic(topic, owner).await
+        self.create_tagged_topic(topic, owner).await
     }
 
     async fn declare_queue(&self, spec: &QueueSpec) -> Result<()> {
-        self.declare_queue(spec).await
+        self.create_queue_with_dlq(spec).await
     }
 
     async fn bind(&self, topic: &str, queue: &str, filter: &Filter) -> Result<()> {
-        self.bind(topic, queue, filter).await
+        self.subscribe_with_filter(topic, queue, filter).await
     }
 
     async fn unbind(&self, topic: &str, queue: &str, filter: &Filter) -> Result<()> {
-        self.unbind(topic, queue, filter).await
+        self.narrow_or_unsubscribe(topic, queue, filter).await
     }
 
     async fn inventory(&self, prefix: &str) -> Result<Inventory> {
-        self.inventory(prefix).await
+        self.inventory_by_prefix(prefix).await
     }
 
     async fn delete_queue(&self, queue: &str) -> Result<()> {
-        self.delete_queue(queue).await
+        self.delete_queue_and_its_dlq(queue).await
     }
 
     async fn delete_topic(&self, topic: &str) -> Result<()> {
-        self.delete_topic(topic).await
+        self.delete_sns_topic(topic).await
     }
 
     async fn publish_batch(&self, destination: &Destination, messages: Vec<OutgoingMessage>) -> Result<()> {
-        self.publish_batch(destination, messages).await
+        self.publish_in_chunks(destination, messages).await
     }
 
     async fn subscribe(&self, queue: &str, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
-        self.subscribe(queue, options).await
+        self.start_receiving(queue, options).await
     }
 
     async fn queue_depth(&self, queue: &str) -> Result<QueueDepth> {
-        self.queue_depth(queue).await
+        self.approximate_depth(queue).await
     }
 
     async fn close(&self) -> Result<()> {

@@ -16,7 +16,7 @@ use crate::transport::{
 };
 
 impl SnsSqsTransport {
-    pub(super) async fn publish_batch(
+    pub(super) async fn publish_in_chunks(
         &self,
         destination: &Destination,
         messages: Vec<OutgoingMessage>,

@@ -32,7 +32,7 @@ const MAX_WAIT_SECONDS: u64 = 20;
 type SdkResult<T, E> = std::result::Result<T, SdkError<E>>;
 
 impl SnsSqsTransport {
-    pub(super) async fn subscribe(
+    pub(super) async fn start_receiving(
         &self,
         queue: &str,
         options: SubscribeOptions,
