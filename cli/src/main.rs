@@ -111,7 +111,9 @@ struct ConsumeArgs {
     /// The directory of service config files (the same one `fare` reads).
     #[arg(long, env = "RESYNC_CONFIG_DIR", default_value = "services")]
     config_dir: std::path::PathBuf,
-    /// Redis for the per-entity locks.
+    /// Redis for the per-entity locks and the shared rate limit: one URL (`rediss://` for TLS),
+    /// or a Redis Cluster's seed nodes separated by commas (a cluster is also recognised from a
+    /// single configuration endpoint).
     #[arg(long, env = "RESYNC_REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
     redis_url: String,
     /// Where to serve /metrics, /healthz and /readyz.

@@ -116,7 +116,7 @@ impl Bench {
         let mut conn = self.raw.clone();
         let mut del = redis::cmd("DEL");
         for task in 0..16 {
-            del.arg(format!("{}:locks:{task}:fence", self.prefix));
+            del.arg(resync_locks::fence_key(&format!("{}:locks:{task}", self.prefix)));
         }
         let _: Result<i64, _> = del.query_async(&mut conn).await;
     }

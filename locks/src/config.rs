@@ -25,7 +25,8 @@ pub struct LockConfig {
     pub retry_min: Duration,
     /// Longest delay between acquisition attempts.
     pub retry_max: Duration,
-    /// How long the per-key fence counter (`<key>:fence`) outlives the last acquisition.
+    /// How long the per-key fence counter ([`fence_key`](crate::fence_key)) outlives the last
+    /// acquisition.
     /// Fencing tokens are seeded from the Redis server clock, so they keep increasing after
     /// the counter expires or Redis loses its data; the counter only guards against the
     /// server clock stepping back, so this bounds memory, not correctness under a sane clock.

@@ -9,9 +9,10 @@
 //!
 //! Does not own: correctness of the data written under a lock. A lock can be lost mid-work
 //! (a pause, a partition), so writers must also check the fencing token or a version (as the
-//! consumer does with per-entity versions, see DESIGN.md). Not here either: Redis Cluster or
-//! Redlock across several masters (one Redis, or a primary with failover, is assumed), and
-//! metrics (this crate logs through `tracing`, with the key and fencing token on each event).
+//! consumer does with per-entity versions, see DESIGN.md). Not here either: Redlock across
+//! several masters (one Redis, a primary with failover, or a Redis Cluster, where each key
+//! lives on one primary, is assumed), and metrics (this crate logs through `tracing`, with the
+//! key and fencing token on each event).
 //!
 //! ```no_run
 //! use resync_locks::{LockConfig, Locker};
@@ -42,4 +43,4 @@ mod scripts;
 pub use config::LockConfig;
 pub use error::{LockError, LostReason};
 pub use guard::{LockGuard, LostSignal, Release};
-pub use locker::Locker;
+pub use locker::{Locker, fence_key};

@@ -1,28 +1,30 @@
 //! [`Locker`]: the connection to Redis and the acquisition paths.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
 use redis::RedisResult;
-use redis::aio::ConnectionManager;
+use redis::cluster_routing::Slot;
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, instrument};
 
 use crate::guard::LockGuard;
+use crate::redis_conn::RedisConnection;
 use crate::scripts::Scripts;
 use crate::{LockConfig, LockError};
 
-/// Takes locks on one Redis. Cheap to clone; clones share one multiplexed connection that
-/// reconnects by itself after Redis comes back.
+/// Takes locks on one Redis or a Redis Cluster. Cheap to clone; clones share one multiplexed
+/// connection (one per node on a cluster) that reconnects by itself after Redis comes back.
 #[derive(Clone)]
 pub struct Locker {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     config: LockConfig,
     scripts: Scripts,
 }
@@ -43,7 +45,9 @@ pub(crate) struct Acquired {
 
 impl Locker {
     /// Connects to `url` (`redis://` or `rediss://` for TLS; a password in the URL is used
-    /// for `AUTH`) and checks that the server answers, within `config.op_timeout`.
+    /// for `AUTH`; several comma-separated URLs for a cluster's seed nodes, see
+    /// [`redis_conn::connect`](crate::redis_conn::connect)) and checks that the server answers,
+    /// within `config.op_timeout`.
     pub async fn connect(url: &str, config: LockConfig) -> Result<Self, LockError> {
         config.validate()?;
         let conn = crate::redis_conn::connect(url, config.op_timeout)
@@ -117,33 +121,33 @@ impl Locker {
     }
 
     /// One attempt at many keys in one round trip: per key, the lock if it was free, `None`
-    /// if someone holds it. Keys must be distinct.
+    /// if someone holds it. Keys must be distinct. On a cluster, one script call per hash slot,
+    /// sent together (the cluster connection pipelines them per node).
     #[instrument(level = "debug", skip_all, fields(keys = keys.len()), err(level = "debug"))]
     pub async fn try_acquire_many(&self, keys: &[&str]) -> Result<Vec<Option<LockGuard>>, LockError> {
-        let Some(first) = keys.first() else { return Ok(Vec::new()) };
         let config = &self.inner.config;
         let tokens: Vec<String> = keys.iter().map(|_| uuid::Uuid::now_v7().simple().to_string()).collect();
         let sent_at = Instant::now();
-        let mut conn = self.inner.conn.clone();
-        let mut invocation = self.inner.scripts.acquire_many.prepare_invoke();
-        for key in keys {
-            invocation.key(*key).key(fence_key(key));
-        }
-        invocation.arg(millis(config.lease)).arg(millis(config.fence_ttl));
-        for token in &tokens {
-            invocation.arg(token);
-        }
-        let fences: Vec<u64> = match self.bounded("acquire", first, invocation.invoke_async(&mut conn)).await
-        {
-            Ok(fences) => fences,
-            Err(e) => {
-                for (key, token) in keys.iter().zip(&tokens) {
-                    self.forget_ambiguous_acquire(key, token, &e);
+        let groups = self.inner.conn.script_groups(keys);
+        let calls = groups.iter().map(|group| self.acquire_group(keys, &tokens, group));
+        let mut fences = vec![0; keys.len()];
+        let mut failure = None;
+        for (group, result) in groups.iter().zip(futures::future::join_all(calls).await) {
+            match result {
+                Ok(group_fences) => {
+                    for (&index, fence) in group.iter().zip(group_fences) {
+                        fences[index] = fence;
+                    }
                 }
-                return Err(e);
+                Err(e) => {
+                    for &index in group {
+                        self.forget_ambiguous_acquire(keys[index], &tokens[index], &e);
+                    }
+                    failure = Some(e);
+                }
             }
-        };
-        Ok(keys
+        }
+        let guards: Vec<Option<LockGuard>> = keys
             .iter()
             .zip(tokens)
             .zip(fences)
@@ -153,20 +157,59 @@ impl Locker {
                     LockGuard::start(self.clone(), key, acquired)
                 })
             })
-            .collect())
+            .collect();
+        match failure {
+            // The locks other slots gave are released again (dropping their guards), so a
+            // failure leaves nothing held, as on one node.
+            Some(e) => {
+                self.release_many(guards.into_iter().flatten().collect()).await.ok();
+                Err(e)
+            }
+            None => Ok(guards),
+        }
     }
 
-    /// Releases many guards in one round trip (compare-and-delete each); returns how many
-    /// locks were still ours and deleted. Guards already released or lost count as not held.
+    /// One `ACQUIRE_MANY` call for the keys at `group` (indexes into `keys` and `tokens`).
+    async fn acquire_group(
+        &self,
+        keys: &[&str],
+        tokens: &[String],
+        group: &[usize],
+    ) -> Result<Vec<u64>, LockError> {
+        let config = &self.inner.config;
+        let mut conn = self.inner.conn.clone();
+        let mut invocation = self.inner.scripts.acquire_many.prepare_invoke();
+        for &index in group {
+            invocation.key(keys[index]).key(fence_key(keys[index]));
+        }
+        invocation.arg(millis(config.lease)).arg(millis(config.fence_ttl));
+        for &index in group {
+            invocation.arg(&tokens[index]);
+        }
+        let first = group.first().map_or("", |&index| keys[index]);
+        self.bounded("acquire", first, invocation.invoke_async(&mut conn)).await
+    }
+
+    /// Releases many guards in one round trip (compare-and-delete each; one call per hash slot
+    /// on a cluster); returns how many locks were still ours and deleted. Guards already
+    /// released or lost count as not held.
     pub async fn release_many(&self, guards: Vec<LockGuard>) -> Result<usize, LockError> {
         let held: Vec<(String, String)> = guards.into_iter().filter_map(LockGuard::into_release).collect();
-        let Some((first, _)) = held.first() else { return Ok(0) };
-        let mut conn = self.inner.conn.clone();
-        let mut invocation = self.inner.scripts.release_many.prepare_invoke();
-        for (key, token) in &held {
-            invocation.key(key).arg(token);
+        let keys: Vec<&str> = held.iter().map(|(key, _)| key.as_str()).collect();
+        let calls = self.inner.conn.script_groups(&keys).into_iter().map(|group| {
+            let mut conn = self.inner.conn.clone();
+            let mut invocation = self.inner.scripts.release_many.prepare_invoke();
+            for &index in &group {
+                let (key, token) = &held[index];
+                invocation.key(key).arg(token);
+            }
+            let first = group.first().map_or("", |&index| keys[index]).to_owned();
+            async move { self.bounded("release", &first, invocation.invoke_async::<usize>(&mut conn)).await }
+        });
+        let mut deleted = 0;
+        for result in futures::future::join_all(calls).await {
+            deleted += result?;
         }
-        let deleted: usize = self.bounded("release", first, invocation.invoke_async(&mut conn)).await?;
         debug!(locks = held.len(), deleted, "locks released");
         Ok(deleted)
     }
@@ -219,9 +262,33 @@ impl Locker {
 }
 
 /// The companion key holding the last fencing token of `key`.
-pub(crate) fn fence_key(key: &str) -> String {
-    format!("{key}:fence")
+///
+/// A script may only touch keys of one hash slot on a Redis Cluster, so the counter must hash
+/// like the lock. It carries, as its hash tag, a short string of the lock key's slot (braces in
+/// the lock key itself then do not matter): `{tag}<key>:fence`.
+pub fn fence_key(key: &str) -> String {
+    format!("{{{}}}{key}:fence", slot_tag(key))
 }
+
+/// A short string that hashes to the same cluster slot as `key`: the first number (in hex)
+/// that does, from a table of all 16,384 slots built once (about 10^5 hashes).
+fn slot_tag(key: &str) -> &'static str {
+    static TAGS: std::sync::OnceLock<HashMap<Slot, String>> = std::sync::OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let mut tags = HashMap::with_capacity(SLOTS);
+        let mut n: u64 = 0;
+        while tags.len() < SLOTS {
+            let tag = format!("{n:x}");
+            tags.entry(Slot::for_key(&tag)).or_insert(tag);
+            n += 1;
+        }
+        tags
+    });
+    // Every slot is in the table (the loop above stops only when all are).
+    tags.get(&Slot::for_key(key)).map_or("", String::as_str)
+}
+
+const SLOTS: usize = 16384;
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -248,6 +315,15 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fence_counter_hashes_to_its_lock_slot_whatever_braces_the_key_holds() {
+        for key in ["listing:42", "ns:{listing:42}", "a}b{c", "{}x", "x{", "}", "", "\u{e9}t\u{e9}:7"] {
+            let fence = fence_key(key);
+            assert_eq!(Slot::for_key(&fence), Slot::for_key(key), "{key:?} -> {fence:?}");
+            assert!(fence.ends_with(&format!("{key}:fence")), "{fence:?} names its lock key");
+        }
+    }
 
     #[test]
     fn backoff_stays_within_its_ceiling() {

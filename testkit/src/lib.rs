@@ -10,10 +10,12 @@
 use std::fmt::Display;
 
 mod own_redis;
+mod own_redis_cluster;
 pub mod pgbouncer;
 pub mod proxy;
 
 pub use own_redis::{OwnRedis, free_port};
+pub use own_redis_cluster::{OwnRedisCluster, run_suite_on_a_redis_cluster};
 
 /// A local service a test may need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,12 +102,12 @@ pub async fn redis_connection() -> redis::aio::MultiplexedConnection {
 }
 
 /// A key's time to live in milliseconds (-2: no such key, -1: no expiry).
-pub async fn pttl(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> i64 {
+pub async fn pttl(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> i64 {
     redis::cmd("PTTL").arg(key).query_async(conn).await.expect("PTTL")
 }
 
 /// A field of a Redis hash (`None`: no such key or field).
-pub async fn hget(conn: &mut redis::aio::MultiplexedConnection, key: &str, field: &str) -> Option<String> {
+pub async fn hget(conn: &mut impl redis::aio::ConnectionLike, key: &str, field: &str) -> Option<String> {
     redis::cmd("HGET").arg(key).arg(field).query_async(conn).await.expect("HGET")
 }
 

@@ -24,13 +24,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use redis::Script;
-use redis::aio::ConnectionManager;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::ThrottleError;
 use crate::error::bounded;
-use resync_locks::redis_conn;
+use resync_locks::redis_conn::{self, RedisConnection};
 
 /// One sink's circuit, as every process sharing it should configure it.
 #[derive(Debug, Clone, PartialEq)]
@@ -168,7 +167,7 @@ pub struct SharedCircuit {
 }
 
 struct Inner {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     config: CircuitConfig,
     key: String,
     scripts: Scripts,
@@ -204,7 +203,7 @@ impl SharedCircuit {
     }
 
     /// Uses an existing connection (e.g. the rate limiter's).
-    pub fn with_connection(conn: ConnectionManager, config: CircuitConfig) -> Result<Self, ThrottleError> {
+    pub fn with_connection(conn: RedisConnection, config: CircuitConfig) -> Result<Self, ThrottleError> {
         config.validate()?;
         let key = config.key();
         let local = Mutex::new(Local { state: CircuitState::Closed, fresh_until: Instant::now() });

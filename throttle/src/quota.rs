@@ -21,13 +21,12 @@ use std::time::Duration;
 
 use rand::Rng;
 use redis::Script;
-use redis::aio::ConnectionManager;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::ThrottleError;
 use crate::error::bounded;
-use resync_locks::redis_conn;
+use resync_locks::redis_conn::{self, RedisConnection};
 
 /// At most this many calls in one window of this length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,7 +156,7 @@ pub struct SharedQuota {
 }
 
 struct Inner {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     config: QuotaConfig,
     key: String,
     in_flight_key: String,
@@ -240,7 +239,7 @@ impl SharedQuota {
     }
 
     /// Uses an existing connection (e.g. the rate limiter's).
-    pub fn with_connection(conn: ConnectionManager, config: QuotaConfig) -> Result<Self, ThrottleError> {
+    pub fn with_connection(conn: RedisConnection, config: QuotaConfig) -> Result<Self, ThrottleError> {
         config.validate()?;
         let inner = Inner {
             conn,

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use redis::aio::ConnectionManager;
 use redis::{FromRedisValue, Script};
 use tokio::time::{Instant, sleep};
 use tracing::{debug, info, instrument, warn};
@@ -12,7 +11,7 @@ use tracing::{debug, info, instrument, warn};
 use crate::error::bounded;
 use crate::scripts::Scripts;
 use crate::{RateLimiterConfig, ThrottleError};
-use resync_locks::redis_conn;
+use resync_locks::redis_conn::{self, RedisConnection};
 
 /// A Retry-After longer than this is treated as this long: a hold should bound an outage,
 /// not park every consumer for days because of one odd header.
@@ -40,7 +39,7 @@ pub struct SharedRateLimiter {
 }
 
 struct Inner {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     config: RateLimiterConfig,
     key: String,
     scripts: Scripts,
@@ -75,10 +74,7 @@ impl SharedRateLimiter {
 
     /// Uses an existing connection, e.g. one a process shares between the limiters of its
     /// sinks. The connection's own timeouts apply besides `config.op_timeout`.
-    pub fn with_connection(
-        conn: ConnectionManager,
-        config: RateLimiterConfig,
-    ) -> Result<Self, ThrottleError> {
+    pub fn with_connection(conn: RedisConnection, config: RateLimiterConfig) -> Result<Self, ThrottleError> {
         config.validate()?;
         let key = config.key();
         Ok(Self { inner: Arc::new(Inner { conn, config, key, scripts: Scripts::new() }) })

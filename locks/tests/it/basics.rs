@@ -134,8 +134,11 @@ async fn fencing_tokens_increase_per_key_even_after_the_counter_is_lost() {
     for round in 0..6 {
         if round == 3 {
             // As if the counter expired or Redis lost its data.
-            let _: i64 =
-                redis::cmd("DEL").arg(format!("{key}:fence")).query_async(&mut conn).await.expect("DEL");
+            let _: i64 = redis::cmd("DEL")
+                .arg(resync_locks::fence_key(&key))
+                .query_async(&mut conn)
+                .await
+                .expect("DEL");
         }
         let guard = locker.try_acquire(&key).await.expect("redis").expect("free key is acquired");
         fences.push(guard.fence());

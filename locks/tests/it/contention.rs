@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use rand::Rng;
-use redis::aio::MultiplexedConnection;
+use resync_locks::redis_conn::RedisConnection;
 use resync_locks::{LockConfig, Locker, Release};
 use resync_testkit::unique_name;
 use tokio::task::JoinSet;
@@ -103,7 +103,7 @@ async fn run_worker(prefix: &str) {
     }
 }
 
-async fn hold_and_check(locker: &Locker, mut conn: MultiplexedConnection, key: &str) {
+async fn hold_and_check(locker: &Locker, mut conn: RedisConnection, key: &str) {
     let guard = locker.acquire(key).await.unwrap_or_else(|e| panic!("not acquired in time: {e}"));
 
     let occupancy: i64 =
@@ -131,12 +131,12 @@ async fn hold_and_check(locker: &Locker, mut conn: MultiplexedConnection, key: &
     assert_eq!(guard.release().await.expect("release"), Release::Released);
 }
 
-async fn counter(conn: &mut MultiplexedConnection, key: &str) -> i64 {
+async fn counter(conn: &mut RedisConnection, key: &str) -> i64 {
     let value: Option<i64> = redis::cmd("GET").arg(key).query_async(conn).await.expect("GET");
     value.unwrap_or(0)
 }
 
-async fn cleanup(conn: &mut MultiplexedConnection, prefix: &str) {
+async fn cleanup(conn: &mut RedisConnection, prefix: &str) {
     let mut del = redis::cmd("DEL");
     del.arg(format!("{prefix}:ready")).arg(format!("{prefix}:go")).arg(format!("{prefix}:done"));
     for key in 0..KEYS {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use resync_locks::redis_conn::{self, RedisConnection};
 use resync_locks::{LockConfig, Locker};
 use resync_testkit::{Service, service_unreachable};
 
@@ -32,9 +32,18 @@ pub(crate) async fn locker(config: LockConfig) -> Locker {
     }
 }
 
-pub(crate) use resync_testkit::{pttl, redis_connection as raw};
+pub(crate) use resync_testkit::pttl;
 
-pub(crate) async fn get(conn: &mut MultiplexedConnection, key: &str) -> Option<String> {
+/// A plain connection for looking at keys, on whatever `RESYNC_REDIS_URL` names (one Redis or a
+/// cluster's seeds); fails the test loudly if Redis is not there.
+pub(crate) async fn raw() -> RedisConnection {
+    match redis_conn::connect(&Service::Redis.url(), Duration::from_secs(5)).await {
+        Ok(conn) => conn,
+        Err(e) => service_unreachable(Service::Redis, e),
+    }
+}
+
+pub(crate) async fn get(conn: &mut RedisConnection, key: &str) -> Option<String> {
     redis::cmd("GET").arg(key).query_async(conn).await.expect("GET")
 }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use resync_locks::redis_conn::{self, RedisConnection};
 use resync_testkit::{Service, service_unreachable, unique_name};
 use resync_throttle::{RateLimiterConfig, SharedRateLimiter, ThrottleError};
 
@@ -42,9 +42,18 @@ pub(crate) async fn limiters(config: &RateLimiterConfig, count: usize) -> Vec<Sh
     limiters
 }
 
-pub(crate) use resync_testkit::{pttl, redis_connection as raw};
+pub(crate) use resync_testkit::pttl;
 
-pub(crate) async fn exists(conn: &mut MultiplexedConnection, key: &str) -> bool {
+/// A plain connection for looking at keys, on whatever `RESYNC_REDIS_URL` names (one Redis or a
+/// cluster's seeds); fails the test loudly if Redis is not there.
+pub(crate) async fn raw() -> RedisConnection {
+    match redis_conn::connect(&Service::Redis.url(), Duration::from_secs(5)).await {
+        Ok(conn) => conn,
+        Err(e) => service_unreachable(Service::Redis, e),
+    }
+}
+
+pub(crate) async fn exists(conn: &mut RedisConnection, key: &str) -> bool {
     redis::cmd("EXISTS").arg(key).query_async(conn).await.expect("EXISTS")
 }
 
