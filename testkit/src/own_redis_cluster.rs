@@ -103,8 +103,7 @@ impl OwnRedisCluster {
         nodes
             .lines()
             .filter(|line| line.contains("master") && !line.contains("fail"))
-            .filter_map(|line| line.split_whitespace().nth(1))
-            .filter_map(|address| address.split(['@', ':']).nth(1)?.parse().ok())
+            .filter_map(port_of)
             .collect()
     }
 
@@ -118,7 +117,7 @@ impl OwnRedisCluster {
             .lines()
             .filter(|line| line.contains("master") && !line.contains("fail"))
             .find(|line| line.split_whitespace().skip(8).any(|range| covers(range, slot)))
-            .and_then(|line| line.split_whitespace().nth(1)?.split(['@', ':']).nth(1)?.parse().ok())
+            .and_then(port_of)
             .unwrap_or_else(|| panic!("no primary serves slot {slot}:\n{slots}"))
     }
 
@@ -132,14 +131,22 @@ impl OwnRedisCluster {
         }
     }
 
-    /// Waits until every live node reports `cluster_state:ok` and the failed one (if any) has
-    /// been replaced: every slot has a reachable primary again.
+    /// Waits until every slot is served by a primary that is running and every running node
+    /// reports `cluster_state:ok`: after a kill, until the cluster noticed (`cluster-node-timeout`)
+    /// and promoted a replica.
     pub async fn await_healthy(&self) {
         let live: Vec<u16> =
             self.nodes.iter().filter(|(_, child)| child.is_some()).map(|(port, _)| *port).collect();
-        poll_some(Duration::from_secs(60), "every live cluster node reports cluster_state:ok", || {
-            let ok =
-                live.iter().all(|&port| self.cli(port, &["cluster", "info"]).contains("cluster_state:ok"));
+        poll_some(Duration::from_secs(60), "every slot served by a running primary", || {
+            let nodes = self.cli(self.live_port(), &["cluster", "nodes"]);
+            let served: u32 = nodes
+                .lines()
+                .filter(|line| line.contains("master") && !line.contains("fail"))
+                .filter(|line| port_of(line).is_some_and(|port| live.contains(&port)))
+                .flat_map(|line| line.split_whitespace().skip(8).map(slot_count).collect::<Vec<_>>())
+                .sum();
+            let ok = served == 16384
+                && live.iter().all(|&port| self.cli(port, &["cluster", "info"]).contains("cluster_state:ok"));
             async move { ok.then_some(()) }
         })
         .await;
@@ -160,6 +167,20 @@ impl OwnRedisCluster {
             .output()
             .unwrap_or_else(|e| panic!("cannot run redis-cli (is it installed?): {e}"));
         String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
+/// The port of a `CLUSTER NODES` line (`id 127.0.0.1:port@cport flags ...`).
+fn port_of(line: &str) -> Option<u16> {
+    line.split_whitespace().nth(1)?.split(['@', ':']).nth(1)?.parse().ok()
+}
+
+/// How many slots a `CLUSTER NODES` slot field (`5461-10922`, or one slot) names.
+fn slot_count(range: &str) -> u32 {
+    let (start, end) = range.split_once('-').unwrap_or((range, range));
+    match (start.parse::<u32>(), end.parse::<u32>()) {
+        (Ok(start), Ok(end)) if end >= start => end - start + 1,
+        _ => 0,
     }
 }
 

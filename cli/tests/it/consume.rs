@@ -1027,6 +1027,43 @@ async fn rabbitmq_frozen_consumers_and_a_restarted_redis_never_write_an_older_ve
     .await;
 }
 
+/// Four consumers locking on a Redis Cluster of the test's own (three primaries, a replica
+/// each), and one primary killed mid-stream: its replica takes over, the consumers follow it
+/// (events they cannot lock meanwhile go back to the queue), and the third party ends equal to
+/// the source with no older version written over a newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_consumers_on_a_redis_cluster_ride_out_a_primary_killed_mid_stream() {
+    let mut world = World::new("rabbitmq", faulty_api(17)).await;
+    let mut cluster = resync_testkit::OwnRedisCluster::start().await;
+    world.redis_url = cluster.urls();
+    let entities = 300;
+    let (events, truth) = shuffled_history(entities, 5, 0.1, 19);
+    // A third of the entities before the kill, the rest after: work is left whatever the speed.
+    let early: std::collections::BTreeSet<String> = truth.keys().take(entities / 3).cloned().collect();
+    let (before, after): (Vec<Envelope>, Vec<Envelope>) =
+        events.into_iter().partition(|event| early.contains(&event.entity_id));
+    world.seed(truth).await;
+    world.publish_events(&before).await;
+    let _consumers: Vec<Process> = (0..4).map(|_| world.consumer("15s")).collect();
+    resync_testkit::poll_some(Duration::from_secs(120), "writes flowing before the kill", || async {
+        (world.applied_writes().await >= early.len() as u64 / 2).then_some(())
+    })
+    .await;
+
+    let victim = cluster.primaries()[0];
+    cluster.kill(victim);
+    let killed_at = tokio::time::Instant::now();
+    world.publish_events(&after).await;
+    cluster.await_healthy().await;
+    eprintln!("the cluster served every slot again {:?} after a primary was killed", killed_at.elapsed());
+
+    world.wait_until_equal(Duration::from_secs(300)).await;
+    eprintln!("the third party equalled the source {:?} after the kill", killed_at.elapsed());
+    assert!(!cluster.primaries().contains(&victim), "the killed node no longer serves as a primary");
+    assert_no_stale_overwrite(&world).await;
+    world.cleanup().await;
+}
+
 fn signal(which: &str, pid: &str) {
     let status = Command::new("kill").args([which, pid]).status().expect("kill");
     assert!(status.success(), "kill {which} {pid} failed");
