@@ -9,11 +9,13 @@
 
 use std::fmt::Display;
 
+mod own_postgres;
 mod own_redis;
 mod own_redis_cluster;
 pub mod pgbouncer;
 pub mod proxy;
 
+pub use own_postgres::OwnPostgres;
 pub use own_redis::{OwnRedis, free_port};
 pub use own_redis_cluster::{OwnRedisCluster, run_suite_on_a_redis_cluster};
 
@@ -155,4 +157,13 @@ pub fn assert_generated_file_current(path: &str, generated: &str, regenerate: &s
         );
     }
     panic!("{path} is out of date; regenerate it with `{regenerate}` and commit it");
+}
+
+/// Whether this test runs as root (servers that refuse root are then run as `postgres`).
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.trim_ascii() == b"0")
+        .unwrap_or(false)
 }

@@ -42,10 +42,6 @@ fn free_port() -> u16 {
         .expect("a free local port")
 }
 
-fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.trim_ascii() == b"0").unwrap_or(false)
-}
-
 impl PgBouncer {
     /// Starts PgBouncer with at most `server_connections` connections to Postgres and
     /// `max_clients` clients, and waits until it accepts connections.
@@ -79,7 +75,7 @@ impl PgBouncer {
         std::fs::write(dir.join("users.txt"), format!("\"{}\" \"\"\n", up.user)).expect("users.txt");
         let mut command = Command::new("pgbouncer");
         // PgBouncer refuses to run as root; it drops to another user when told to.
-        if is_root() {
+        if crate::is_root() {
             command.args(["-u", "postgres"]);
             let _ = Command::new("chmod").args(["-R", "a+rX"]).arg(&dir).status();
         }

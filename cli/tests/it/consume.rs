@@ -35,6 +35,9 @@ struct World {
     truth: BTreeMap<String, Expected>,
     /// The Redis consumers lock with: the shared one unless a test runs its own.
     redis_url: String,
+    /// The Postgres of the source table and resync's tables: the shared one unless a test runs
+    /// its own.
+    database_url: String,
 }
 
 impl World {
@@ -49,6 +52,21 @@ impl World {
         faults: ApiConfig,
         max_receive_count: u32,
         sink_extra: &str,
+    ) -> Self {
+        Self::build(kind, faults, max_receive_count, sink_extra, Service::Postgres.url()).await
+    }
+
+    /// A world on the Postgres at `database_url` (a test's own server).
+    async fn on_database(kind: &'static str, faults: ApiConfig, database_url: String) -> Self {
+        Self::build(kind, faults, 20, "", database_url).await
+    }
+
+    async fn build(
+        kind: &'static str,
+        faults: ApiConfig,
+        max_receive_count: u32,
+        sink_extra: &str,
+        database_url: String,
     ) -> Self {
         let namespace = unique_name("e2e");
         let schema = Schema::new(namespace.replace('-', "_")).expect("schema");
@@ -84,10 +102,10 @@ impl World {
         };
         let topology = Topology::desired(&catalog, Some(&namespace));
         fare_config::apply(transport.as_ref(), &topology).await.expect("fare apply");
-        if let Err(err) = resync_migrations::migrate(&Service::Postgres.url(), &schema).await {
+        if let Err(err) = resync_migrations::migrate(&database_url, &schema).await {
             service_unreachable(Service::Postgres, err);
         }
-        let pool = sqlx::PgPool::connect(&Service::Postgres.url())
+        let pool = sqlx::PgPool::connect(&database_url)
             .await
             .unwrap_or_else(|e| service_unreachable(Service::Postgres, e));
         let source = SourceTable::create(&pool, &schema).await.expect("source table");
@@ -104,6 +122,7 @@ impl World {
             source,
             truth: BTreeMap::new(),
             redis_url: Service::Redis.url(),
+            database_url,
         }
     }
 
@@ -161,7 +180,10 @@ impl World {
 
     /// `resync` with this world's settings in its environment.
     fn resync(&self) -> Command {
-        resync_command(&self.config_dir, self.kind, &self.schema, &self.namespace, &self.redis_url)
+        let mut command =
+            resync_command(&self.config_dir, self.kind, &self.schema, &self.namespace, &self.redis_url);
+        command.env("RESYNC_DATABASE_URL", &self.database_url);
+        command
     }
 
     fn consumer_listening(&self, lock_lease: &str, listen: std::net::SocketAddr) -> Process {
@@ -1064,6 +1086,38 @@ async fn rabbitmq_consumers_on_a_redis_cluster_ride_out_a_primary_killed_mid_str
     world.cleanup().await;
 }
 
+/// `pg_ctl restart -m fast` of the test's own Postgres under four consumers applying a history:
+/// every session is cut, in-flight transactions (applied versions, sink intents) roll back, and
+/// the consumers reconnect. The third party ends equal to the source with no stale write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_consumers_ride_out_a_postgres_restart_mid_stream() {
+    let postgres = resync_testkit::OwnPostgres::start();
+    let mut world = World::on_database("rabbitmq", faulty_api(23), postgres.url()).await;
+    let entities = 300;
+    let (events, truth) = shuffled_history(entities, 5, 0.1, 29);
+    // A third of the entities before the restart, the rest after: work is left whatever the speed.
+    let early: std::collections::BTreeSet<String> = truth.keys().take(entities / 3).cloned().collect();
+    let (before, after): (Vec<Envelope>, Vec<Envelope>) =
+        events.into_iter().partition(|event| early.contains(&event.entity_id));
+    world.seed(truth).await;
+    world.publish_events(&before).await;
+    let _consumers: Vec<Process> = (0..4).map(|_| world.consumer("15s")).collect();
+    resync_testkit::poll_some(Duration::from_secs(120), "writes flowing before the restart", || async {
+        (world.applied_writes().await >= early.len() as u64 / 2).then_some(())
+    })
+    .await;
+
+    let restarted_at = tokio::time::Instant::now();
+    postgres.restart();
+    eprintln!("postgres restarted in {:?}", restarted_at.elapsed());
+    world.publish_events(&after).await;
+
+    world.wait_until_equal(Duration::from_secs(300)).await;
+    eprintln!("the third party equalled the source {:?} after the restart began", restarted_at.elapsed());
+    assert_no_stale_overwrite(&world).await;
+    world.cleanup().await;
+}
+
 fn signal(which: &str, pid: &str) {
     let status = Command::new("kill").args([which, pid]).status().expect("kill");
     assert!(status.success(), "kill {which} {pid} failed");
@@ -1483,19 +1537,35 @@ async fn job_progress(world: &World) -> Option<(uuid::Uuid, i64, i64)> {
     row.map(|(id, emitted, total)| (id, emitted, total.unwrap_or(0)))
 }
 
+/// What befalls a resync job once it has published 30% of its rows.
+#[derive(Clone, Copy)]
+enum AtThirtyPercent<'a> {
+    Nothing,
+    /// SIGKILL, then `job resume` in a new process.
+    KillTheJob,
+    /// `pg_ctl restart -m fast` of the world's Postgres (the test's own) under the job.
+    RestartPostgres(&'a resync_testkit::OwnPostgres),
+}
+
 /// A resync job over a table the third party has never seen, while 1% of the rows change and
 /// are published live every second: consumers apply both streams with faults on, the job moves
 /// from `published` to `completed` once every row is applied at the sink, and the third party
 /// then equals the database with no stale overwrite and `job verify` finds no drift. In
-/// `pause-live` mode the live stream is paused for the job and resumed at completion. With
-/// `kill_at_30`, the job process is SIGKILLed at 30% and the job resumed by another.
+/// `pause-live` mode the live stream is paused for the job and resumed at completion. `at_30`
+/// says what befalls the job at 30%: nothing, a SIGKILL (and `job resume` by another process),
+/// or a restart of its Postgres.
 async fn a_resync_job_completes_once_its_sink_applied_every_row(
     kind: &'static str,
     rows: usize,
     args: &[&str],
-    kill_at_30: bool,
+    at_30: AtThirtyPercent<'_>,
 ) {
-    let mut world = World::new(kind, faulty_api(31)).await;
+    let mut world = match at_30 {
+        AtThirtyPercent::RestartPostgres(postgres) => {
+            World::on_database(kind, faulty_api(31), postgres.url()).await
+        }
+        _ => World::new(kind, faulty_api(31)).await,
+    };
     let (_, truth) = shuffled_history(rows, 3, 0.0, 31);
     world.seed(truth).await;
     // 1% of the rows per second is 1,000 live events/s at 100k rows: more consumers then.
@@ -1511,7 +1581,7 @@ async fn a_resync_job_completes_once_its_sink_applied_every_row(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180 + rows as u64 / 200);
     let mut checked_at_completion = false;
     let paused = world.schema.sql("SELECT count(*) FROM {schema}.paused_streams WHERE service = 'sync'");
-    let (mut round, mut killed, mut seen_paused) = (0, false, false);
+    let (mut round, mut faulted, mut seen_paused) = (0, false, false);
     let mut next_round = tokio::time::Instant::now();
     let status = loop {
         if let Some(status) = job_exit(&mut job, &world, deadline) {
@@ -1522,16 +1592,28 @@ async fn a_resync_job_completes_once_its_sink_applied_every_row(
             live_updates(&mut world, 100, round).await;
             next_round += Duration::from_secs(1);
         }
-        if kill_at_30
-            && !killed
+        if !matches!(at_30, AtThirtyPercent::Nothing)
+            && !faulted
             && let Some((id, emitted, total)) = job_progress(&world).await
             && emitted * 10 >= total * 3
         {
-            job.0.kill().expect("SIGKILL the job");
-            let _ = job.0.wait();
-            killed = true;
-            let resume = ["job", "resume", &id.to_string()];
-            job = Process(world.resync().args(resume).stdout(Stdio::null()).spawn().expect("job resume"));
+            faulted = true;
+            match at_30 {
+                AtThirtyPercent::KillTheJob => {
+                    job.0.kill().expect("SIGKILL the job");
+                    let _ = job.0.wait();
+                    let resume = ["job", "resume", &id.to_string()];
+                    job = Process(
+                        world.resync().args(resume).stdout(Stdio::null()).spawn().expect("job resume"),
+                    );
+                }
+                AtThirtyPercent::RestartPostgres(postgres) => {
+                    let restarted_at = tokio::time::Instant::now();
+                    postgres.restart();
+                    eprintln!("postgres restarted at 30% of the job in {:?}", restarted_at.elapsed());
+                }
+                AtThirtyPercent::Nothing => {}
+            }
         }
         let count: i64 = sqlx::query_scalar(paused.clone()).fetch_one(&world.pool).await.expect("paused");
         seen_paused |= count > 0;
@@ -1546,7 +1628,7 @@ async fn a_resync_job_completes_once_its_sink_applied_every_row(
         assert_sink_has_at_least(&world, &at_start).await;
     }
     assert!(status.success(), "resync job failed");
-    assert_eq!(killed, kill_at_30, "the job was killed at 30% only when asked to");
+    assert_eq!(faulted, !matches!(at_30, AtThirtyPercent::Nothing), "the fault came at 30% only when asked");
     assert_eq!(seen_paused, mode == "pause-live", "live is paused during the job only in pause-live mode");
     let count: i64 = sqlx::query_scalar(paused).fetch_one(&world.pool).await.expect("paused");
     assert_eq!(count, 0, "live is resumed when the job completes");
@@ -1558,7 +1640,7 @@ async fn a_resync_job_completes_once_its_sink_applied_every_row(
     let [(id, status, emitted, total, applied)] = &jobs[..] else { panic!("one job: {jobs:?}") };
     let rows = rows as i64;
     assert_eq!((status.as_str(), *total, *applied), ("completed", Some(rows), rows));
-    // A killed job re-sends at most the chunk each reader had in flight.
+    // A killed or disconnected job re-sends at most the chunk each reader had in flight.
     assert!(*emitted >= rows && *emitted <= rows + 4 * 1000, "{emitted} published for {rows} rows");
 
     // The live backlog (all of it in pause-live mode) is applied after the job completes.
@@ -1572,19 +1654,44 @@ async fn a_resync_job_completes_once_its_sink_applied_every_row(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_job_with_live_updates_rides_out_a_postgres_restart_at_30_percent() {
+    let postgres = resync_testkit::OwnPostgres::start();
+    let at_30 = AtThirtyPercent::RestartPostgres(&postgres);
+    a_resync_job_completes_once_its_sink_applied_every_row("rabbitmq", job_rows(2_000), &[], at_30).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_concurrent_resync_job_completes_with_live_updates_flowing() {
-    a_resync_job_completes_once_its_sink_applied_every_row("rabbitmq", job_rows(2_000), &[], false).await;
+    a_resync_job_completes_once_its_sink_applied_every_row(
+        "rabbitmq",
+        job_rows(2_000),
+        &[],
+        AtThirtyPercent::Nothing,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_live_resync_job_pauses_live_and_completes() {
     let args = &["--mode", "pause-live"];
-    a_resync_job_completes_once_its_sink_applied_every_row("rabbitmq", job_rows(2_000), args, false).await;
+    a_resync_job_completes_once_its_sink_applied_every_row(
+        "rabbitmq",
+        job_rows(2_000),
+        args,
+        AtThirtyPercent::Nothing,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resync_job_killed_at_30_percent_with_live_updates_completes_without_drift() {
-    a_resync_job_completes_once_its_sink_applied_every_row("rabbitmq", job_rows(2_000), &[], true).await;
+    a_resync_job_completes_once_its_sink_applied_every_row(
+        "rabbitmq",
+        job_rows(2_000),
+        &[],
+        AtThirtyPercent::KillTheJob,
+    )
+    .await;
 }
 
 /// On SNS/SQS (a fifth of the rows: the emulator is the bottleneck), with `--direct`: the job
@@ -1593,13 +1700,20 @@ async fn a_resync_job_killed_at_30_percent_with_live_updates_completes_without_d
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sns_sqs_a_direct_resync_job_completes_with_live_updates_flowing() {
     let rows = job_rows(2_000) / 5;
-    a_resync_job_completes_once_its_sink_applied_every_row("sns-sqs", rows, &["--direct"], false).await;
+    a_resync_job_completes_once_its_sink_applied_every_row(
+        "sns-sqs",
+        rows,
+        &["--direct"],
+        AtThirtyPercent::Nothing,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sns_sqs_a_pause_live_resync_job_through_the_topic_completes() {
     let (rows, args) = (job_rows(2_000) / 5, &["--mode", "pause-live"]);
-    a_resync_job_completes_once_its_sink_applied_every_row("sns-sqs", rows, args, false).await;
+    a_resync_job_completes_once_its_sink_applied_every_row("sns-sqs", rows, args, AtThirtyPercent::Nothing)
+        .await;
 }
 
 /// One job, two subscribing services with a sink each: it completes only once both applied
