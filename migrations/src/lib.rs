@@ -37,6 +37,20 @@ pub fn server(database_url: &str) -> String {
     }
 }
 
+/// Whether `err` means Postgres is away for now (a restart, a failover, a dropped
+/// connection) rather than that the statement is wrong: connection failures, SQLSTATE class 08
+/// (connection exception) and 57P01-57P03 (shut down by an administrator or a crash, not yet
+/// accepting connections). Worth trying again once the server is back.
+pub fn is_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03")),
+        _ => false,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     #[error(

@@ -27,6 +27,7 @@
 mod completion;
 pub mod job;
 mod lifecycle;
+mod outage;
 mod query;
 mod run;
 mod verify;
@@ -60,6 +61,14 @@ pub enum JobError {
     NotFound(Uuid),
     #[error("job {id} is {status}: {hint}")]
     State { id: Uuid, status: JobStatus, hint: &'static str },
+}
+
+impl JobError {
+    /// True when Postgres was away (restarting, failing over): the step may be tried again
+    /// once it is back.
+    pub fn is_database_unavailable(&self) -> bool {
+        matches!(self, JobError::Database { source, .. } if resync_migrations::is_unavailable(source))
+    }
 }
 
 pub(crate) type Result<T> = std::result::Result<T, JobError>;

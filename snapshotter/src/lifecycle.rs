@@ -13,6 +13,7 @@ use tracing::info;
 use uuid::Uuid;
 
 use crate::job::{Job, JobOptions, JobStatus, create, get, load_spec, transition};
+use crate::outage::riding_out_database_outages;
 use crate::{Result, await_completion, db, run};
 
 /// Records a new job (status `running`, not yet run: [`drive`] runs it); in `pause-live` mode
@@ -93,7 +94,10 @@ pub async fn drive(
         report(Milestone::Ran(&job));
     }
     if job.status == JobStatus::Published {
-        job = await_completion(pool, schema, id, poll).await?;
+        job = riding_out_database_outages(id, "awaiting the sinks", || {
+            await_completion(pool, schema, id, poll)
+        })
+        .await?;
         report(Milestone::Awaited(&job));
     }
     if job.status.is_finished() {

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::job::{Job, JobDestination, JobSpec, JobStatus, get, load_spec, set_status_if};
+use crate::outage::riding_out_database_outages;
 use crate::query::{self, VersionSource};
 use crate::{JobError, Result, db};
 
@@ -21,15 +22,17 @@ use crate::{JobError, Result, db};
 /// one snapshot, range by range in parallel, from each range's checkpoint on, publishes each
 /// chunk and checkpoints it. Returns the job as it stands after.
 ///
-/// A run that fails leaves the job `failed` with its error (never `running` with nobody
-/// running it); `resync job resume` runs it again from its checkpoints.
+/// A run that loses its database (a restart, a failover) starts again from its checkpoints,
+/// in a new snapshot, once the database answers (for up to five minutes). A run that fails
+/// otherwise leaves the job `failed` with its error (never `running` with nobody running it);
+/// `resync job resume` runs it again from its checkpoints.
 pub async fn run(pool: &PgPool, schema: &Schema, transport: &dyn Transport, id: Uuid) -> Result<Job> {
     let job = get(pool, schema, id).await?;
     if job.status != JobStatus::Running {
         let hint = "only a running job runs (`resync job resume` continues a paused or failed one)";
         return Err(JobError::State { id, status: job.status, hint });
     }
-    let ran = run_ranges(pool, schema, transport, job).await;
+    let ran = riding_out_database_outages(id, "publishing", || run_once(pool, schema, transport, id)).await;
     if let Err(err) = &ran {
         let (from, to, error) = (JobStatus::Running, JobStatus::Failed, err.to_string());
         if let Err(mark) = set_status_if(pool, schema, id, from, to, Some(&error)).await {
@@ -37,6 +40,16 @@ pub async fn run(pool: &PgPool, schema: &Schema, transport: &dyn Transport, id: 
         }
     }
     ran
+}
+
+/// One attempt, on the job as it stands now: an earlier attempt may have planned its ranges,
+/// and it may have been paused or cancelled meanwhile.
+async fn run_once(pool: &PgPool, schema: &Schema, transport: &dyn Transport, id: Uuid) -> Result<Job> {
+    let job = get(pool, schema, id).await?;
+    if job.status != JobStatus::Running {
+        return Ok(job);
+    }
+    run_ranges(pool, schema, transport, job).await
 }
 
 async fn run_ranges(pool: &PgPool, schema: &Schema, transport: &dyn Transport, job: Job) -> Result<Job> {

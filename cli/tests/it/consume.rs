@@ -1573,7 +1573,12 @@ async fn a_resync_job_completes_once_its_sink_applied_every_row(
     let _consumers: Vec<Process> = (0..consumers).map(|_| world.consumer("15s")).collect();
 
     let mode = if args.contains(&"pause-live") { "pause-live" } else { "concurrent" };
-    let rate = (rows / 20).max(1000).to_string();
+    let rate = match at_30 {
+        // Ten seconds of reading, so the restart at 30% finds the readers mid-range.
+        AtThirtyPercent::RestartPostgres(_) => (rows / 10).max(1),
+        _ => (rows / 20).max(1000),
+    }
+    .to_string();
     let args = [&["job", "start", "--entity", "listing", "--rate", &rate], args].concat();
     // Every row as the job's snapshot will read it (live updates start after this).
     let at_start = world.truth.clone();
@@ -1608,6 +1613,7 @@ async fn a_resync_job_completes_once_its_sink_applied_every_row(
                     );
                 }
                 AtThirtyPercent::RestartPostgres(postgres) => {
+                    assert!(emitted < total, "every row was published before the restart: it tested nothing");
                     let restarted_at = tokio::time::Instant::now();
                     postgres.restart();
                     eprintln!("postgres restarted at 30% of the job in {:?}", restarted_at.elapsed());
@@ -1657,7 +1663,8 @@ async fn a_resync_job_completes_once_its_sink_applied_every_row(
 async fn a_resync_job_with_live_updates_rides_out_a_postgres_restart_at_30_percent() {
     let postgres = resync_testkit::OwnPostgres::start();
     let at_30 = AtThirtyPercent::RestartPostgres(&postgres);
-    a_resync_job_completes_once_its_sink_applied_every_row("rabbitmq", job_rows(2_000), &[], at_30).await;
+    let chunks = ["--chunk-size", "100"];
+    a_resync_job_completes_once_its_sink_applied_every_row("rabbitmq", job_rows(2_000), &chunks, at_30).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
