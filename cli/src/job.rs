@@ -399,7 +399,10 @@ fn sinks_of(config_dir: &std::path::Path, entity_type: &str) -> Result<Vec<Strin
 }
 
 /// The services with a sink subscribing to some type of `entity_type` on the resync stream.
-fn sinks_in<'a>(catalog: &'a fare_config::Catalog, entity_type: &str) -> Vec<&'a fare_config::ServiceConfig> {
+pub(crate) fn sinks_in<'a>(
+    catalog: &'a fare_config::Catalog,
+    entity_type: &str,
+) -> Vec<&'a fare_config::ServiceConfig> {
     subscribers_in(catalog, entity_type).into_iter().filter(|s| s.sink.is_some()).collect()
 }
 

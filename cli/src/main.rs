@@ -2,6 +2,7 @@
 //! and env vars, and calls the library crates; no logic of its own beyond wiring.
 
 mod dlq;
+mod entity;
 mod job;
 mod serve;
 
@@ -77,6 +78,11 @@ enum Command {
     Job {
         #[command(subcommand)]
         command: job::JobCommand,
+    },
+    /// Look one entity up across the source, the event log and every sink's records.
+    Entity {
+        #[command(subcommand)]
+        command: entity::EntityCommand,
     },
     /// Inspect, redrive and purge a service's dead-letter queues.
     Dlq {
@@ -262,6 +268,7 @@ async fn main() -> Result<()> {
         }
         Command::Dlq { command } => dlq::run(&cli.common, command).await?,
         Command::Job { command } => job::run(&cli.common, &schema, command).await?,
+        Command::Entity { command } => entity::run(&cli.common, &schema, command).await?,
         Command::Outbox { command } => {
             let pool =
                 sqlx::PgPool::connect(&cli.common.database_url).await.context("connecting to Postgres")?;

@@ -1,7 +1,8 @@
 //! What other parts of resync read of the consumer's records, as typed functions: the applied
-//! versions and dead-lettered entities a sink holds. The consumer owns these tables (it writes
-//! them through [`crate::AppliedStore`]); jobs, `verify` and the demo's report read them only
-//! through this module, so their SQL lives in one crate.
+//! versions, sink intents and dead-lettered entities a sink holds, and its entity locks in
+//! Redis. The consumer owns these (it writes them through [`crate::AppliedStore`] and its
+//! locker); jobs, `verify`, `entity show` and the demo's report read them only through this
+//! module, so their SQL and key formats live in one crate.
 
 use std::collections::HashMap;
 
@@ -42,6 +43,99 @@ pub async fn sink_records(
             WHERE sink = s.sink AND entity_type = $2 AND entity_id = k.entity_id LIMIT 1)) r",
     );
     sqlx::query_as(sql).bind(sinks).bind(entity_type).bind(entity_ids).fetch_all(pool).await
+}
+
+/// What one sink holds of one entity.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EntityAtSink {
+    pub applied: Option<AppliedRecord>,
+    /// A call started for this version and not yet recorded as applied or refused.
+    pub intent: Option<(i64, DateTime<Utc>)>,
+    pub dead_letter: Option<DeadLetterRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct AppliedRecord {
+    pub version: i64,
+    pub deleted: bool,
+    pub data: serde_json::Value,
+    pub applied_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct DeadLetterRecord {
+    pub version: i64,
+    pub reason: String,
+    pub detail: String,
+    pub dead_lettered_at: DateTime<Utc>,
+}
+
+/// Everything `sink` recorded of one entity.
+pub async fn entity_at_sink(
+    pool: &PgPool,
+    schema: &Schema,
+    sink: &str,
+    entity_type: &str,
+    entity_id: &str,
+) -> Result<EntityAtSink, sqlx::Error> {
+    let key = "WHERE sink = $1 AND entity_type = $2 AND entity_id = $3";
+    let applied = schema
+        .sql(&format!("SELECT version, deleted, data, applied_at FROM {{schema}}.applied_versions {key}"));
+    let intent = schema.sql(&format!("SELECT version, started_at FROM {{schema}}.sink_intents {key}"));
+    let dead_letter = schema.sql(&format!(
+        "SELECT version, reason, detail, dead_lettered_at FROM {{schema}}.dead_lettered_entities {key}"
+    ));
+    Ok(EntityAtSink {
+        applied: sqlx::query_as(applied)
+            .bind(sink)
+            .bind(entity_type)
+            .bind(entity_id)
+            .fetch_optional(pool)
+            .await?,
+        intent: sqlx::query_as(intent)
+            .bind(sink)
+            .bind(entity_type)
+            .bind(entity_id)
+            .fetch_optional(pool)
+            .await?,
+        dead_letter: sqlx::query_as(dead_letter)
+            .bind(sink)
+            .bind(entity_type)
+            .bind(entity_id)
+            .fetch_optional(pool)
+            .await?,
+    })
+}
+
+/// The Redis key of an entity's lock at `sink`, under the consumers' `lock_prefix`
+/// ([`lock_prefix`]).
+pub fn entity_lock_key(lock_prefix: &str, sink: &str, entity_type: &str, entity_id: &str) -> String {
+    format!("{lock_prefix}resync:lock:{sink}:{entity_type}:{entity_id}")
+}
+
+/// What the consumers of a namespace put before their lock keys.
+pub fn lock_prefix(namespace: Option<&str>) -> String {
+    namespace.map(|ns| format!("{ns}:")).unwrap_or_default()
+}
+
+/// Who holds an entity's lock now: the holder's owner token and how long its lease has left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockHolder {
+    pub token: String,
+    pub lease_left: std::time::Duration,
+}
+
+/// The holder of the lock at `key`, if any.
+pub async fn lock_holder(
+    redis: &mut resync_locks::redis_conn::RedisConnection,
+    key: &str,
+) -> Result<Option<LockHolder>, redis::RedisError> {
+    let (token, pttl): (Option<String>, i64) =
+        redis::pipe().cmd("GET").arg(key).cmd("PTTL").arg(key).query_async(redis).await?;
+    Ok(token.map(|token| LockHolder {
+        token,
+        lease_left: std::time::Duration::from_millis(u64::try_from(pttl).unwrap_or(0)),
+    }))
 }
 
 /// The version `sink` applied of each of these entities that it applied at all.

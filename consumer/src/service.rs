@@ -211,7 +211,7 @@ pub async fn build_with_autoscaler(
         RetryPolicy { max_receive_count: first.max_receive_count, max_hold, ..RetryPolicy::default() };
     let db = Db::connect(&runtime.database_url, runtime.db_pool_size, runtime.db_pooling).await?;
     let locker = Locker::connect(&runtime.redis_url, runtime.lock.clone()).await?;
-    let lock_prefix = runtime.namespace.as_ref().map(|ns| format!("{ns}:")).unwrap_or_default();
+    let lock_prefix = crate::records::lock_prefix(runtime.namespace.as_deref());
     let store = AppliedStore::new(db.clone(), runtime.schema.clone());
     let subscribed: Vec<_> =
         queues.iter().map(|(stream, _)| (*stream, service.subscribed(*stream))).collect();

@@ -21,8 +21,8 @@ pub mod versions;
 
 pub use emit::{EmitError, EmittedEvent, NewEvent, emit};
 pub use log::{
-    LogError, LogExtent, Parked, ReplayRequest, ReplayTarget, Replayed, drop_parked, extent, parked, prune,
-    release_parked, replay,
+    LogError, LogExtent, LoggedEvent, Parked, ReplayRequest, ReplayTarget, Replayed, drop_parked,
+    entity_events, extent, parked, prune, release_parked, replay,
 };
 pub use relay::{Relay, RelayConfig, RelayError, RelayStatus};
 pub use resync_migrations::Schema;

@@ -157,6 +157,48 @@ pub struct Parked {
     pub reason: String,
 }
 
+/// One entity's event as the log holds it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct LoggedEvent {
+    pub seq: i64,
+    pub id: uuid::Uuid,
+    pub event_type: String,
+    pub version: i64,
+    pub deleted: bool,
+    pub occurred_at: chrono::DateTime<chrono::Utc>,
+    /// `pending` (the relay has not published it yet), `parked` (its type has no topic) or
+    /// `published`.
+    pub state: String,
+}
+
+/// The newest `limit` events of one entity, newest first. Reads the entity type's part of the
+/// log (it has no index by entity: emitting stays one index cheaper), so it is for looking one
+/// entity up, not for a loop.
+pub async fn entity_events(
+    pool: &PgPool,
+    schema: &Schema,
+    entity_type: &str,
+    entity_id: &str,
+    limit: i64,
+) -> Result<Vec<LoggedEvent>, LogError> {
+    let sql = schema.sql(
+        "SELECT o.seq, o.id, o.event_type, o.version, o.deleted, o.occurred_at, \
+                CASE WHEN k.seq IS NOT NULL THEN 'parked' WHEN p.seq IS NOT NULL THEN 'pending' \
+                     ELSE 'published' END AS state \
+         FROM {schema}.outbox o \
+         LEFT JOIN {schema}.outbox_pending p ON p.seq = o.seq \
+         LEFT JOIN {schema}.outbox_parked k ON k.seq = o.seq \
+         WHERE o.entity_type = $1 AND o.entity_id = $2 ORDER BY o.seq DESC LIMIT $3",
+    );
+    sqlx::query_as(sql)
+        .bind(entity_type)
+        .bind(entity_id)
+        .bind(limit)
+        .fetch_all(pool)
+        .await
+        .map_err(|source| LogError::Database { doing: "reading an entity's events", source })
+}
+
 /// What the relay parked, by entity type.
 pub async fn parked(pool: &PgPool, schema: &Schema) -> Result<Vec<Parked>, LogError> {
     let sql = schema.sql(

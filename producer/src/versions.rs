@@ -19,6 +19,18 @@ pub fn counter_expression(schema: &Schema, entity_type: &str, key_text: &str) ->
     )
 }
 
+/// The version `resync.emit` last assigned to one entity (`None`: never).
+pub async fn current(
+    pool: &PgPool,
+    schema: &Schema,
+    entity_type: &str,
+    entity_id: &str,
+) -> Result<Option<i64>, sqlx::Error> {
+    let sql =
+        schema.sql("SELECT version FROM {schema}.entity_versions WHERE entity_type = $1 AND entity_id = $2");
+    sqlx::query_scalar(sql).bind(entity_type).bind(entity_id).fetch_optional(pool).await
+}
+
 /// Whether `resync.emit` ever assigned a version to an entity of this type.
 pub async fn any_counted(pool: &PgPool, schema: &Schema, entity_type: &str) -> Result<bool, sqlx::Error> {
     let sql = schema.sql("SELECT EXISTS (SELECT 1 FROM {schema}.entity_versions WHERE entity_type = $1)");

@@ -5,7 +5,8 @@
 //! publishing one resync event per row on the resync stream, paced, with a checkpoint per
 //! confirmed chunk so a runner killed at any point resumes where it stopped and misses no
 //! entity; the job's life ([`JobStatus`]: start, pause, resume, cancel, drive to completion);
-//! completion; and `verify`.
+//! completion; `verify`; and `entity show` ([`inspect_entity`]), which reads one entity's row
+//! the way a job does and puts it beside what the log, the counter and each sink hold.
 //!
 //! Does not own applying the events (the consumer, whose version rule makes live and resync
 //! events safe together and re-sent chunks harmless, and whose records a job reads through
@@ -22,9 +23,11 @@
 //! - `completion`: a published job completes once its sinks applied every row
 //!   ([`await_completion`], read from the consumers' applied versions, so nothing extra is
 //!   written per event);
-//! - `verify`: the source's versions against what a sink applied.
+//! - `verify`: the source's versions against what a sink applied;
+//! - `entity`: everything resync knows of one entity, with a verdict per sink.
 
 mod completion;
+pub mod entity;
 pub mod job;
 mod lifecycle;
 mod outage;
@@ -36,6 +39,7 @@ use resync_bus::TransportError;
 use uuid::Uuid;
 
 pub use completion::await_completion;
+pub use entity::{EntityReport, Inspect, inspect_entity};
 pub use job::{
     DEFAULT_READERS, Job, JobDestination, JobOptions, JobSpec, JobStatus, TargetQueue, get, list, load_spec,
 };

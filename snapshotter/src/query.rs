@@ -62,6 +62,9 @@ pub struct SourceQuery {
     pub split_points: String,
     #[serde(default)]
     pub versions: VersionSource,
+    /// One row by its id as text (`$1`). Not stored with a job: only `entity show` uses it.
+    #[serde(skip)]
+    pub one: String,
 }
 
 /// An SQL string literal (standard_conforming_strings: only `'` needs doubling).
@@ -83,6 +86,20 @@ impl SourceQuery {
     /// version counter); `rejected_by` limits the job to the entities that sink dead-lettered
     /// (table `dead_lettered_entities`).
     pub(crate) async fn build(
+        pool: &PgPool,
+        schema: &Schema,
+        source: &SourceSpec,
+        extra_filter: Option<&str>,
+        rejected_by: Option<&str>,
+    ) -> Result<Self> {
+        let query = Self::prepare(pool, schema, source, extra_filter, rejected_by).await?;
+        query.check(pool, source).await?;
+        Ok(query)
+    }
+
+    /// The statements, unchecked (a declared version column that disagrees with resync's is
+    /// for `check` to refuse; looking one row up shows it instead).
+    async fn prepare(
         pool: &PgPool,
         schema: &Schema,
         source: &SourceSpec,
@@ -176,9 +193,26 @@ impl SourceQuery {
                 "SELECT id FROM (SELECT {id}::text AS id, row_number() OVER (ORDER BY {id}) AS n \
                  FROM {table} WHERE {filter}) numbered WHERE n % $1 = 0 ORDER BY n LIMIT $2"
             ),
+            one: format!("{select} WHERE {filter} AND {key} = CAST($1 AS {id_type})"),
         };
-        query.check(pool, source).await?;
         Ok(query)
+    }
+
+    /// The row of entity `id` as a job would read it (`None`: the source has no such row, or
+    /// the source's filter leaves it out).
+    pub(crate) async fn one_row(
+        pool: &PgPool,
+        schema: &Schema,
+        source: &SourceSpec,
+        id: &str,
+    ) -> Result<Option<ReadRow>> {
+        let query = Self::prepare(pool, schema, source, None, None).await?;
+        let row = sqlx::query(AssertSqlSafe(query.one.clone()))
+            .bind(id)
+            .fetch_optional(pool)
+            .await
+            .map_err(db("reading the entity's source row"))?;
+        row.map(|row| read_row(&row)).transpose()
     }
 
     /// Runs each statement once, on a sample of rows, so a bad filter or type fails at
@@ -257,19 +291,21 @@ impl SourceQuery {
             }
         }
         .map_err(db("reading a chunk of the source"))?;
-        rows.iter()
-            .map(|row| {
-                Ok(ReadRow {
-                    id: row.try_get("id")?,
-                    counted: row.try_get("counted")?,
-                    declared: row.try_get("declared")?,
-                    deleted: row.try_get("deleted")?,
-                    data: row.try_get("data")?,
-                })
-            })
-            .collect::<std::result::Result<_, sqlx::Error>>()
-            .map_err(db("decoding a source row"))
+        rows.iter().map(read_row).collect()
     }
+}
+
+fn read_row(row: &sqlx::postgres::PgRow) -> Result<ReadRow> {
+    let decoded = || -> std::result::Result<ReadRow, sqlx::Error> {
+        Ok(ReadRow {
+            id: row.try_get("id")?,
+            counted: row.try_get("counted")?,
+            declared: row.try_get("declared")?,
+            deleted: row.try_get("deleted")?,
+            data: row.try_get("data")?,
+        })
+    };
+    decoded().map_err(db("decoding a source row"))
 }
 
 /// A declared version column is the version source only where `resync.emit` has no say: no

@@ -1118,6 +1118,99 @@ async fn rabbitmq_consumers_ride_out_a_postgres_restart_mid_stream() {
     world.cleanup().await;
 }
 
+/// `resync entity show` for an entity in each state a support question meets: in sync,
+/// deleted, behind (the source moved on without an event), dead-lettered (the sink refused it),
+/// never applied, and a call in flight (recorded by a consumer that then died).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entity_show_names_each_state_an_entity_can_be_in() {
+    let mut world = World::new("rabbitmq", ApiConfig::default()).await;
+    let row = |version: i64, deleted: bool| Expected {
+        version,
+        deleted,
+        data: if deleted {
+            serde_json::Value::Null
+        } else {
+            serde_json::json!({"title": format!("v{version}")})
+        },
+    };
+    let event = |id: &str, expected: &Expected| {
+        let mut event = Envelope::new(
+            if expected.deleted { "listing.deleted" } else { "listing.updated" },
+            id,
+            expected.version,
+            expected.data.clone(),
+        );
+        event.deleted = expected.deleted;
+        event
+    };
+    let truth: BTreeMap<String, Expected> = [
+        ("in-sync", row(1, false)),
+        ("behind", row(1, false)),
+        ("rejected", row(1, false)),
+        ("deleted", row(2, true)),
+        ("never", row(1, false)),
+        ("in-flight", row(1, false)),
+    ]
+    .into_iter()
+    .map(|(id, expected)| (id.to_string(), expected))
+    .collect();
+    world.seed(truth.clone()).await;
+
+    // The sink refuses everything while `rejected` goes through.
+    let reject_all = resync_apisim::FaultsPatch { reject_rate: Some(1.0), ..Default::default() };
+    world.client.set_faults(&reject_all).await.expect("reject everything");
+    world.publish_events(&[event("rejected", &truth["rejected"])]).await;
+    let consumer = world.consumer("15s");
+    let (pool, schema) = (&world.pool, &world.schema);
+    let at_sink =
+        |id: &'static str| resync_consumer::records::entity_at_sink(pool, schema, "sync", "listing", id);
+    resync_testkit::poll_some(Duration::from_secs(60), "`rejected` dead-lettered", || async {
+        at_sink("rejected").await.expect("records").dead_letter.map(|_| ())
+    })
+    .await;
+    let accept_all = resync_apisim::FaultsPatch { reject_rate: Some(0.0), ..Default::default() };
+    world.client.set_faults(&accept_all).await.expect("accept again");
+    let mut events = vec![event("deleted", &row(1, false)), event("deleted", &truth["deleted"])];
+    events.extend(["in-sync", "behind", "in-flight"].map(|id| event(id, &truth[id])));
+    world.publish_events(&events).await;
+    for (id, version) in [("in-sync", 1), ("behind", 1), ("in-flight", 1), ("deleted", 2)] {
+        resync_testkit::poll_some(Duration::from_secs(60), "the sink applied the events", || async {
+            at_sink(id).await.expect("records").applied.filter(|a| a.version == version).map(|_| ())
+        })
+        .await;
+    }
+    drop(consumer);
+    // The source moves on without an event; a consumer starts a call for v2 and dies.
+    let mut tx = world.pool.begin().await.expect("begin");
+    for id in ["behind", "in-flight"] {
+        world.source.upsert(&mut tx, id, &row(2, false)).await.expect("source row");
+    }
+    tx.commit().await.expect("commit");
+    let store = resync_consumer::AppliedStore::new(world.pool.clone(), world.schema.clone());
+    let in_flight =
+        resync_consumer::store::EntityId { entity_type: "listing".into(), entity_id: "in-flight".into() };
+    store.record_intents("sync", &[(&in_flight, 2)]).await.expect("intent");
+
+    let verdict = |id: &str| {
+        let out =
+            world.resync().args(["entity", "show", "listing", id, "--json"]).output().expect("entity show");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "entity show {id}: {}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        report["sinks"][0]["verdict"].as_str().unwrap_or_default().to_string()
+    };
+    assert_eq!(verdict("in-sync"), "in sync (v1)");
+    assert_eq!(verdict("deleted"), "deleted (v2)");
+    assert_eq!(verdict("behind"), "behind: v1 applied, v2 current");
+    assert!(verdict("rejected").starts_with("dead-lettered: v1 "), "{}", verdict("rejected"));
+    assert_eq!(verdict("never"), "never applied: v1 current");
+    assert!(verdict("in-flight").starts_with("in flight: v2 since "), "{}", verdict("in-flight"));
+    let human = world.resync().args(["entity", "show", "listing", "rejected"]).output().expect("entity show");
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(human.contains("sink sync: dead-lettered: v1") && human.contains("dead letter v1"), "{human}");
+    world.cleanup().await;
+}
+
 fn signal(which: &str, pid: &str) {
     let status = Command::new("kill").args([which, pid]).status().expect("kill");
     assert!(status.success(), "kill {which} {pid} failed");

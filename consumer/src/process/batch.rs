@@ -8,8 +8,12 @@ use super::*;
 
 impl Processor {
     pub(super) fn lock_key(&self, entity: &EntityId) -> String {
-        let (prefix, sink) = (&self.lock_prefix, self.sink.name());
-        format!("{prefix}resync:lock:{sink}:{}:{}", entity.entity_type, entity.entity_id)
+        crate::records::entity_lock_key(
+            &self.lock_prefix,
+            self.sink.name(),
+            &entity.entity_type,
+            &entity.entity_id,
+        )
     }
 
     /// Locks every free entity of the batch in one round trip; returns the locked groups with
