@@ -112,6 +112,20 @@ pub(crate) struct StartArgs {
     /// Record the job and print its id without running it (run it with `resume`).
     #[arg(long)]
     detach: bool,
+    /// Also delete, at the --target-service's sink, the entities it holds as present that the
+    /// source table has no row for (deleted without an event): each gets a tombstone with a
+    /// new version once every row is published. With --filter, only entities whose content
+    /// last applied matches the filter are deleted. Needs exactly one --target-service.
+    #[arg(long, requires = "target_service")]
+    delete_missing: bool,
+    /// The most entities --delete-missing may delete: a number (`500`) or a share of what the
+    /// sink holds (`10%`). Above it the job is refused before anything is sent.
+    #[arg(long, default_value = "10%", requires = "delete_missing")]
+    max_deletes: resync_snapshotter::DeleteLimit,
+    /// With --delete-missing: print how many entities would be deleted and the first of them,
+    /// and stop; no job is recorded, nothing is sent.
+    #[arg(long, requires = "delete_missing")]
+    dry_run: bool,
 }
 
 pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -> Result<()> {
@@ -133,6 +147,9 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
                 !args.only_rejected || targets.len() == 1,
                 "--only-rejected resends what one service's sink rejected: name exactly one --target-service"
             );
+            if args.delete_missing {
+                check_deletes_reach(&targets, &args.entity)?;
+            }
             // Without targets, every subscriber with a sink must apply the job; with them, theirs.
             let receivers =
                 if targets.is_empty() { sinks_in(&catalog, &args.entity) } else { targets.clone() };
@@ -157,7 +174,19 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
                     Vec::new()
                 },
                 readers: args.readers,
+                delete_missing: targets
+                    .first()
+                    .filter(|_| args.delete_missing)
+                    .map(|service| (service.sink_name(), args.max_deletes)),
             };
+            if args.dry_run {
+                if let Some(missing) =
+                    resync_snapshotter::preview_deletes(&pool, schema, source, &options).await?
+                {
+                    print_deletes_preview(&missing, args.max_deletes);
+                }
+                return Ok(());
+            }
             let id = resync_snapshotter::start(&pool, schema, namespace, source, &options).await?;
             println!("job {id}");
             for service in &options.paused_services {
@@ -274,8 +303,9 @@ fn line(job: &Job) -> String {
     let bar = format!("{}{}", "#".repeat(filled), ".".repeat(30 - filled.min(30)));
     let eta =
         job.eta().map(|d| format!("  ETA {}", humantime::format_duration(Duration::from_secs(d.as_secs()))));
+    let deleted = if job.deleted > 0 { format!(", {} deleted", job.deleted) } else { String::new() };
     format!(
-        "{} {} {:<9} [{bar}] {}/{} published, {} applied  {:.0}/s{}",
+        "{} {} {:<9} [{bar}] {}/{} published, {} applied{deleted}  {:.0}/s{}",
         job.id,
         job.entity_type,
         job.status,
@@ -398,6 +428,43 @@ fn sinks_of(config_dir: &std::path::Path, entity_type: &str) -> Result<Vec<Strin
     Ok(sinks_in(&catalog, entity_type).into_iter().map(|s| s.sink_name()).collect())
 }
 
+/// `--delete-missing` compares one sink with the source, and its service must take the
+/// tombstones (`<entity>.deleted`) on its resync queue.
+fn check_deletes_reach(targets: &[&fare_config::ServiceConfig], entity_type: &str) -> Result<()> {
+    let [service] = targets else {
+        anyhow::bail!(
+            "--delete-missing compares one sink with the source: name exactly one --target-service"
+        );
+    };
+    anyhow::ensure!(service.sink.is_some(), "--delete-missing: service `{}` has no [sink]", service.name);
+    let deleted = format!("{entity_type}.deleted");
+    anyhow::ensure!(
+        resync_bus::Filter::types(resync_types(service, entity_type)).matches(&deleted),
+        "--delete-missing: service `{}` does not subscribe to `{deleted}` on the resync stream, so it would \
+         never receive the tombstones; add it to its subscription",
+        service.name
+    );
+    Ok(())
+}
+
+fn print_deletes_preview(missing: &resync_snapshotter::Missing, limit: resync_snapshotter::DeleteLimit) {
+    let count = missing.entities.len();
+    println!(
+        "dry run: {count} of the {} entities sink `{}` holds have no row in the source and would be deleted \
+         (--max-deletes {limit} allows {})",
+        missing.present, missing.sink, missing.allowed
+    );
+    for (id, version) in missing.entities.iter().take(20) {
+        println!("  {id} (v{version} at the sink)");
+    }
+    if count > 20 {
+        println!("  ... and {} more", count - 20);
+    }
+    if !missing.within_limit() {
+        println!("over the limit: `job start` would refuse; raise --max-deletes if this is meant");
+    }
+}
+
 /// The services with a sink subscribing to some type of `entity_type` on the resync stream.
 pub(crate) fn sinks_in<'a>(
     catalog: &'a fare_config::Catalog,
@@ -419,6 +486,7 @@ mod tests {
             emitted,
             total: Some(total),
             applied: emitted / 2,
+            deleted: 0,
             error: None,
             created_at,
             updated_at: chrono::Utc::now(),

@@ -155,6 +155,18 @@ pub async fn applied_versions(
     Ok(rows.into_iter().collect())
 }
 
+/// A SQL query, for a job's statement, of the entities a sink holds as present: columns
+/// `entity_id`, `version` and `data` (the content last applied), for the sink `$1` and entity
+/// type `$2`. A fragment rather than a function because the job joins it with its source table
+/// in one statement.
+pub fn present_at_sink_query(schema: &Schema) -> String {
+    format!(
+        "SELECT entity_id, version, data FROM {}.applied_versions \
+         WHERE sink = $1 AND entity_type = $2 AND NOT deleted",
+        schema.ident()
+    )
+}
+
 /// A SQL condition, for a query reading a source table, that holds for rows whose entity `sink`
 /// dead-lettered: `key_text` is the row's key as text, `sink` and `entity_type` are SQL
 /// literals (quoted by the caller). A fragment rather than a function because a job reads it in

@@ -151,8 +151,9 @@ pub fn compare(
             });
         }
     }
+    // An entity the source has no row for must be gone: absent, or deleted at the third party.
     for (id, have) in actual {
-        if !expected.contains_key(id) {
+        if !expected.contains_key(id) && !have.deleted {
             mismatches.push(Mismatch {
                 entity_id: id.to_string(),
                 expected: None,

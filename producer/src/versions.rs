@@ -31,6 +31,29 @@ pub async fn current(
     sqlx::query_scalar(sql).bind(entity_type).bind(entity_id).fetch_optional(pool).await
 }
 
+/// The next version of each entity, as `resync.emit` would assign it, but above `floors` (the
+/// version a sink holds, for an entity the counter has none of or a lower one). The counter
+/// rows stay locked until the caller's transaction ends, so an `emit` of the same entity waits
+/// and then gets a newer version: whatever it carries is ordered after what the caller sends.
+/// Lock the same entities in the same order everywhere: `ids` are locked in the order given.
+pub async fn allocate_next(
+    conn: &mut sqlx::PgConnection,
+    schema: &Schema,
+    entity_type: &str,
+    ids: &[&str],
+    floors: &[i64],
+) -> Result<HashMap<String, i64>, sqlx::Error> {
+    let sql = schema.sql(
+        "INSERT INTO {schema}.entity_versions AS ev (entity_type, entity_id, version) \
+         SELECT $1, i, f + 1 FROM unnest($2::text[], $3::bigint[]) WITH ORDINALITY AS s(i, f, n) ORDER BY n \
+         ON CONFLICT (entity_type, entity_id) DO UPDATE SET version = GREATEST(ev.version + 1, EXCLUDED.version) \
+         RETURNING entity_id, version",
+    );
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as(sql).bind(entity_type).bind(ids).bind(floors).fetch_all(conn).await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// Whether `resync.emit` ever assigned a version to an entity of this type.
 pub async fn any_counted(pool: &PgPool, schema: &Schema, entity_type: &str) -> Result<bool, sqlx::Error> {
     let sql = schema.sql("SELECT EXISTS (SELECT 1 FROM {schema}.entity_versions WHERE entity_type = $1)");

@@ -15,6 +15,7 @@ use sqlx::{PgPool, Row};
 use tracing::info;
 use uuid::Uuid;
 
+use crate::deletes::{DeleteLimit, DeletePlan, Missing, missing_entities, over_limit};
 use crate::query::SourceQuery;
 use crate::{JobError, Result, db};
 
@@ -110,6 +111,9 @@ pub struct JobSpec {
     /// Key ranges read in parallel, each by its own reader, all in one exported snapshot.
     #[serde(default = "one")]
     pub readers: u32,
+    /// `--delete-missing`: tombstones for what the sink holds and the source lacks.
+    #[serde(default)]
+    pub delete_missing: Option<DeletePlan>,
 }
 
 fn one() -> u32 {
@@ -154,6 +158,9 @@ pub struct JobOptions {
     pub skip_unchanged: bool,
     /// Parallel readers (key ranges), sharing one snapshot.
     pub readers: u32,
+    /// Also delete, at this sink, the entities it holds that the source no longer has, up to
+    /// the limit (refused above it, before anything is sent).
+    pub delete_missing: Option<(String, DeleteLimit)>,
 }
 
 impl Default for JobOptions {
@@ -168,6 +175,7 @@ impl Default for JobOptions {
             paused_services: Vec::new(),
             skip_unchanged: false,
             readers: DEFAULT_READERS,
+            delete_missing: None,
         }
     }
 }
@@ -186,6 +194,8 @@ pub struct Job {
     pub total: Option<i64>,
     /// Rows every sink has accounted for (see [`await_completion`]).
     pub applied: i64,
+    /// Tombstones sent (`--delete-missing`).
+    pub deleted: i64,
     pub error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -235,7 +245,17 @@ pub(crate) async fn create(
         paused_services: options.paused_services.clone(),
         skip_unchanged: options.skip_unchanged,
         readers: options.readers.max(1),
+        delete_missing: options
+            .delete_missing
+            .as_ref()
+            .map(|(sink, limit)| delete_plan(source, options, sink, *limit)),
     };
+    if let Some(plan) = &spec.delete_missing {
+        let missing = missing_entities(pool, schema, &spec.entity_type, plan).await?;
+        if !missing.within_limit() {
+            return Err(over_limit(&missing, plan.limit));
+        }
+    }
     let id = Uuid::now_v7();
     let spec_json = serde_json::to_value(&spec).map_err(|e| JobError::Source {
         table: source.table.clone(),
@@ -255,8 +275,42 @@ pub(crate) async fn create(
     Ok(id)
 }
 
+fn delete_plan(source: &SourceSpec, options: &JobOptions, sink: &str, limit: DeleteLimit) -> DeletePlan {
+    DeletePlan {
+        sink: sink.to_string(),
+        table: crate::query::quoted_table(&source.table),
+        key: crate::query::quote(&source.id_column),
+        scope: options.filter.clone(),
+        as_row: applied_as_row(source),
+        limit,
+    }
+}
+
+/// The row a sink's applied content came from, as `jsonb`: the data column holding the content,
+/// or the data columns as its keys, and the id. Validated identifiers hold no quote, so they
+/// are safe as literals.
+fn applied_as_row(source: &SourceSpec) -> String {
+    let id = format!("'{}', p.entity_id", source.id_column);
+    match &source.data {
+        fare_config::SourceData::Column(column) => format!("jsonb_build_object('{column}', p.data, {id})"),
+        fare_config::SourceData::Columns(_) => format!("(p.data || jsonb_build_object({id}))"),
+    }
+}
+
+/// What `--delete-missing` would delete now, for `--dry-run`: nothing is recorded or sent.
+pub async fn preview_deletes(
+    pool: &PgPool,
+    schema: &Schema,
+    source: &SourceSpec,
+    options: &JobOptions,
+) -> Result<Option<Missing>> {
+    let Some((sink, limit)) = &options.delete_missing else { return Ok(None) };
+    let plan = delete_plan(source, options, sink, *limit);
+    missing_entities(pool, schema, &source.entity, &plan).await.map(Some)
+}
+
 const JOB_COLUMNS: &str =
-    "id, entity_type, status, emitted, total, applied, error, created_at, updated_at, finished_at";
+    "id, entity_type, status, emitted, total, applied, deleted, error, created_at, updated_at, finished_at";
 
 fn job_of(row: &sqlx::postgres::PgRow) -> std::result::Result<Job, sqlx::Error> {
     Ok(Job {
@@ -269,6 +323,7 @@ fn job_of(row: &sqlx::postgres::PgRow) -> std::result::Result<Job, sqlx::Error> 
         emitted: row.try_get("emitted")?,
         total: row.try_get("total")?,
         applied: row.try_get("applied")?,
+        deleted: row.try_get("deleted")?,
         error: row.try_get("error")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,

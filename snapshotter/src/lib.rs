@@ -27,6 +27,7 @@
 //! - `entity`: everything resync knows of one entity, with a verdict per sink.
 
 mod completion;
+mod deletes;
 pub mod entity;
 pub mod job;
 mod lifecycle;
@@ -39,9 +40,11 @@ use resync_bus::TransportError;
 use uuid::Uuid;
 
 pub use completion::await_completion;
+pub use deletes::{DeleteLimit, DeletePlan, Missing};
 pub use entity::{EntityReport, Inspect, inspect_entity};
 pub use job::{
     DEFAULT_READERS, Job, JobDestination, JobOptions, JobSpec, JobStatus, TargetQueue, get, list, load_spec,
+    preview_deletes,
 };
 pub use lifecycle::{Milestone, cancel, drive, pause, resume, start};
 pub use query::{SourceQuery, VersionSource};
@@ -65,6 +68,11 @@ pub enum JobError {
     NotFound(Uuid),
     #[error("job {id} is {status}: {hint}")]
     State { id: Uuid, status: JobStatus, hint: &'static str },
+    #[error(
+        "refusing to delete {deletes} entities at sink `{sink}` (it holds {present}): over --max-deletes {limit} \
+         ({allowed} allowed); the first: {sample}. Check the source table, or raise --max-deletes"
+    )]
+    TooManyDeletes { sink: String, deletes: u64, present: u64, limit: String, allowed: u64, sample: String },
 }
 
 impl JobError {

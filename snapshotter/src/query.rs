@@ -72,12 +72,12 @@ fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-fn quote(identifier: &str) -> String {
+pub(crate) fn quote(identifier: &str) -> String {
     format!("\"{}\"", identifier.replace('"', "\"\""))
 }
 
 /// `schema.table` or `table`, quoted.
-fn quoted_table(table: &str) -> String {
+pub(crate) fn quoted_table(table: &str) -> String {
     table.split('.').map(quote).collect::<Vec<_>>().join(".")
 }
 

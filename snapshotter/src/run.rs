@@ -80,6 +80,9 @@ async fn run_ranges(pool: &PgPool, schema: &Schema, transport: &dyn Transport, j
         info!(job = %id, "job paused or cancelled; stopped after the chunks in flight");
         return get(pool, schema, id).await;
     }
+    if let Some(plan) = &spec.delete_missing {
+        crate::deletes::send_tombstones(pool, schema, transport, id, &spec, plan).await?;
+    }
     finish(pool, schema, id).await
 }
 
@@ -304,18 +307,7 @@ impl Saved<'_> {
 async fn save_checkpoint(pool: &PgPool, schema: &Schema, id: Uuid, saved: Saved<'_>) -> Result<bool> {
     let (ids, versions): (Vec<&str>, Vec<i64>) = saved.sent.iter().map(|(i, v)| (i.as_str(), *v)).unzip();
     let mut tx = pool.begin().await.map_err(db("saving the checkpoint"))?;
-    // A chunk sent again after a crash may meet its rows: keep the newer version.
-    let rows_sql = schema.sql(
-        "INSERT INTO {schema}.job_rows (job_id, entity_id, version) SELECT $1, * FROM unnest($2::text[], $3::bigint[]) \
-         ON CONFLICT (job_id, entity_id) DO UPDATE SET version = GREATEST(job_rows.version, EXCLUDED.version)",
-    );
-    sqlx::query(rows_sql)
-        .bind(id)
-        .bind(&ids)
-        .bind(&versions)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("recording sent rows"))?;
+    record_sent_rows(&mut tx, schema, id, &ids, &versions).await?;
     let range_sql = schema.sql(
         "UPDATE {schema}.job_ranges SET checkpoint = COALESCE($3, checkpoint), done = $4 \
          WHERE job_id = $1 AND range_no = $2",
@@ -340,6 +332,29 @@ async fn save_checkpoint(pool: &PgPool, schema: &Schema, id: Uuid, saved: Saved<
         .map_err(db("saving the checkpoint"))?;
     tx.commit().await.map_err(db("saving the checkpoint"))?;
     Ok(status == JobStatus::Running.as_str())
+}
+
+/// Records rows the job sent, which it then waits to see applied. A chunk sent again after a
+/// crash may meet its rows: the newer version stays.
+pub(crate) async fn record_sent_rows(
+    conn: &mut sqlx::PgConnection,
+    schema: &Schema,
+    id: Uuid,
+    ids: &[&str],
+    versions: &[i64],
+) -> Result<()> {
+    let rows_sql = schema.sql(
+        "INSERT INTO {schema}.job_rows (job_id, entity_id, version) SELECT $1, * FROM unnest($2::text[], $3::bigint[]) \
+         ON CONFLICT (job_id, entity_id) DO UPDATE SET version = GREATEST(job_rows.version, EXCLUDED.version)",
+    );
+    sqlx::query(rows_sql)
+        .bind(id)
+        .bind(ids)
+        .bind(versions)
+        .execute(conn)
+        .await
+        .map_err(db("recording sent rows"))?;
+    Ok(())
 }
 
 async fn finish(pool: &PgPool, schema: &Schema, id: Uuid) -> Result<Job> {
@@ -386,7 +401,7 @@ pub struct SourceRow {
 }
 
 impl SourceRow {
-    fn message(self, entity_type: &str, job: Uuid, skip_unchanged: bool) -> OutgoingMessage {
+    pub(crate) fn message(self, entity_type: &str, job: Uuid, skip_unchanged: bool) -> OutgoingMessage {
         let verb = if self.deleted { "deleted" } else { "updated" };
         let mut event = Envelope::new(&format!("{entity_type}.{verb}"), self.id, self.version, self.data);
         event.stream = Stream::Resync;
@@ -402,7 +417,11 @@ impl SourceRow {
 
 impl JobDestination {
     /// Publishes one chunk; to several queues at once, each with the events it subscribes to.
-    async fn publish(&self, transport: &dyn Transport, messages: Vec<OutgoingMessage>) -> Result<()> {
+    pub(crate) async fn publish(
+        &self,
+        transport: &dyn Transport,
+        messages: Vec<OutgoingMessage>,
+    ) -> Result<()> {
         match self {
             JobDestination::Topic(topic) => {
                 transport.publish_batch(&Destination::Topic(topic.clone()), messages).await?;

@@ -1905,6 +1905,93 @@ async fn run_job(world: &World, extra: &[&str]) {
     assert!(status.success(), "resync job start {extra:?} failed");
 }
 
+/// Rows deleted straight from the table (no events) stay at the third party until a job with
+/// `--delete-missing` sends them tombstones: a dry run shows them, the guard refuses a job over
+/// `--max-deletes` before anything is sent, `--filter` confines the deletes to its scope, and an
+/// entity re-created after the job started ends present.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_missing_removes_what_the_source_lost_within_its_guard_and_scope() {
+    let mut world = World::new("rabbitmq", ApiConfig::default()).await;
+    let truth: BTreeMap<String, Expected> = (0..600)
+        .map(|i| {
+            let data = serde_json::json!({"title": format!("listing {i}"), "price": i % 100});
+            (format!("L{i:04}"), Expected { version: 1, deleted: false, data })
+        })
+        .collect();
+    world.seed(truth.clone()).await;
+    let _consumers: Vec<Process> = (0..2).map(|_| world.consumer("15s")).collect();
+    run_job(&world, &["--target-service", "sync"]).await;
+    world.wait_until_equal(Duration::from_secs(120)).await;
+
+    // Sixty rows vanish without an event: thirty cheap (price < 50), thirty dear.
+    let gone: Vec<String> = truth.keys().step_by(10).cloned().collect();
+    let delete = world.schema.sql("DELETE FROM {schema}.listings WHERE id = ANY($1)");
+    sqlx::query(delete).bind(&gone).execute(&world.pool).await.expect("delete rows");
+    for id in &gone {
+        world.truth.remove(id);
+    }
+    let cheap = |id: &String| truth[id].data["price"].as_i64().is_some_and(|p| p < 50);
+    let (gone_cheap, gone_dear): (Vec<String>, Vec<String>) = gone.iter().cloned().partition(cheap);
+    assert!(!gone_cheap.is_empty() && !gone_dear.is_empty(), "both sides of the filter lose rows");
+    let start = ["job", "start", "--entity", "listing", "--target-service", "sync", "--delete-missing"];
+
+    let preview =
+        world.resync().args(start).args(["--max-deletes", "10", "--dry-run"]).output().expect("dry run");
+    let printed = String::from_utf8_lossy(&preview.stdout);
+    assert!(preview.status.success(), "dry run: {}", String::from_utf8_lossy(&preview.stderr));
+    assert!(printed.contains(&format!("dry run: {} of the 600 entities", gone.len())), "{printed}");
+    assert!(printed.contains(&gone[0]) && printed.contains("over the limit"), "{printed}");
+
+    let writes_before = world.applied_writes().await;
+    let refused = world.resync().args(start).args(["--max-deletes", "10"]).output().expect("job start");
+    let refusal = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "a job over --max-deletes is refused");
+    assert!(refusal.contains(&format!("refusing to delete {} entities", gone.len())), "{refusal}");
+    let jobs: i64 = sqlx::query_scalar(world.schema.sql("SELECT count(*) FROM {schema}.jobs"))
+        .fetch_one(&world.pool)
+        .await
+        .expect("jobs");
+    assert_eq!(jobs, 1, "the refused job was not recorded");
+    assert_eq!(world.applied_writes().await, writes_before, "nothing was sent");
+
+    run_job(
+        &world,
+        &["--target-service", "sync", "--delete-missing", "--filter", "(data->>'price')::int < 50"],
+    )
+    .await;
+    let state = world.client.state().await.expect("apisim state");
+    let deleted_at_sink = |id: &String| state.get(&format!("listing/{id}")).is_some_and(|s| s.deleted);
+    assert!(gone_cheap.iter().all(deleted_at_sink), "every entity in the filter's scope is deleted");
+    assert!(!gone_dear.iter().any(deleted_at_sink), "no entity outside the filter's scope is deleted");
+
+    // The application re-creates one of the dear ones after the next job is recorded.
+    let job = world.resync().args(start).arg("--detach").output().expect("job start --detach");
+    assert!(job.status.success(), "job start --detach: {}", String::from_utf8_lossy(&job.stderr));
+    let id = String::from_utf8_lossy(&job.stdout).split_whitespace().nth(1).unwrap_or_default().to_string();
+    let recreated =
+        Expected { version: 2, deleted: false, data: serde_json::json!({"title": "back", "price": 99}) };
+    let mut tx = world.pool.begin().await.expect("begin");
+    world.source.upsert(&mut tx, &gone_dear[0], &recreated).await.expect("re-create");
+    tx.commit().await.expect("commit");
+    world.truth.insert(gone_dear[0].clone(), recreated.clone());
+    let mut event = Envelope::new("listing.created", gone_dear[0].clone(), 2, recreated.data.clone());
+    event.stream = Stream::Live;
+    world.publish_events(&[event]).await;
+    let resumed = world.resync().args(["job", "resume", &id]).output().expect("job resume");
+    assert!(resumed.status.success(), "job resume: {}", String::from_utf8_lossy(&resumed.stderr));
+
+    world.wait_until_equal(Duration::from_secs(120)).await;
+    assert_no_stale_overwrite(&world).await;
+    let deleted: Vec<i64> =
+        sqlx::query_scalar(world.schema.sql("SELECT deleted FROM {schema}.jobs ORDER BY created_at"))
+            .fetch_all(&world.pool)
+            .await
+            .expect("jobs");
+    let expected_deletes = [0, gone_cheap.len() as i64, gone_dear.len() as i64 - 1];
+    assert_eq!(deleted, expected_deletes, "each job counts the tombstones it sent");
+    world.cleanup().await;
+}
+
 /// A resync re-sends every entity, also at the version the sink has (after a bug in the sync
 /// the third party may hold something else); with `--skip-unchanged`, entities whose content the
 /// sink has cost no API call.
