@@ -15,8 +15,8 @@ pub(crate) enum EntityCommand {
     /// Everything resync knows of one entity, for "why didn't it sync?": its source row and
     /// version, its newest events in the log (published, pending or parked), and per sink the
     /// version applied (and whether its content equals the source row's), a call in flight, a
-    /// dead letter with its reason, the lock holder, the last job that sent it, and a one-line
-    /// verdict (in sync, behind, dead-lettered, deleted, never applied, in flight).
+    /// dead letter with its reason, the lock holder, the job in progress that sent it, and a
+    /// one-line verdict (in sync, behind, dead-lettered, deleted, never applied, in flight).
     Show {
         /// The entity type, e.g. `listing`.
         entity_type: String,

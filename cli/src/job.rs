@@ -48,6 +48,13 @@ pub(crate) enum JobCommand {
         #[arg(long)]
         json: bool,
     },
+    /// A job's report: rows, published, applied, deleted, when it started and finished, how
+    /// long it took and its mean rate, and its error if it failed.
+    Show {
+        id: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
     /// The newest jobs.
     List {
         #[arg(long, default_value_t = 20)]
@@ -126,6 +133,20 @@ pub(crate) struct StartArgs {
     /// and stop; no job is recorded, nothing is sent.
     #[arg(long, requires = "delete_missing")]
     dry_run: bool,
+    /// POST a JSON document (`{"event": ..., "job": {...}}`) to this http(s) URL at each change
+    /// of the job's state: started, paused, resumed, completed, failed, cancelled. Best effort:
+    /// a receiver that is down is logged and never stops the job.
+    #[arg(long, value_parser = http_url)]
+    notify: Option<String>,
+}
+
+fn http_url(text: &str) -> std::result::Result<String, String> {
+    let lower = text.to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        Ok(text.to_string())
+    } else {
+        Err(format!("`{text}`: expected an http:// or https:// URL"))
+    }
 }
 
 pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -> Result<()> {
@@ -178,6 +199,7 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
                     .first()
                     .filter(|_| args.delete_missing)
                     .map(|service| (service.sink_name(), args.max_deletes)),
+                notify: args.notify,
             };
             if args.dry_run {
                 if let Some(missing) =
@@ -268,6 +290,14 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
                 std::process::exit(1);
             }
         }
+        JobCommand::Show { id, json } => {
+            let job = resync_snapshotter::get(&pool, schema, id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&job)?);
+            } else {
+                print!("{}", report(&job));
+            }
+        }
         JobCommand::List { limit, json } => {
             let jobs = resync_snapshotter::list(&pool, schema, limit).await?;
             if json {
@@ -296,6 +326,29 @@ async fn drive(common: &Common, schema: &Schema, pool: &sqlx::PgPool, id: Uuid) 
 }
 
 /// `<id> <entity> <status> [#####.....] published/total  rate/s  ETA`
+/// The lines of `job show`.
+fn report(job: &Job) -> String {
+    let at = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S UTC").to_string();
+    let end = job.finished_at.unwrap_or(job.updated_at);
+    let took = Duration::from_secs(u64::try_from((end - job.created_at).num_seconds()).unwrap_or(0));
+    let mut out = format!("job {} ({})\n", job.id, job.entity_type);
+    out += &format!("  status     {}\n", job.status);
+    out += &format!("  rows       {}\n", job.total.map_or("not counted yet".to_string(), |t| t.to_string()));
+    out += &format!("  published  {}\n", job.emitted);
+    out += &format!("  applied    {}\n", job.applied);
+    out += &format!("  deleted    {}\n", job.deleted);
+    out += &format!("  started    {}\n", at(job.created_at));
+    if let Some(finished) = job.finished_at {
+        out += &format!("  finished   {}\n", at(finished));
+    }
+    out += &format!("  took       {}\n", humantime::format_duration(took));
+    out += &format!("  mean rate  {:.0} rows/s\n", job.rate());
+    if let Some(error) = &job.error {
+        out += &format!("  error      {error}\n");
+    }
+    out
+}
+
 fn line(job: &Job) -> String {
     let total = job.total.unwrap_or(0).max(job.emitted);
     let share = if total > 0 { job.emitted as f64 / total as f64 } else { 0.0 };

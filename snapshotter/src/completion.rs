@@ -117,6 +117,7 @@ async fn complete(pool: &PgPool, schema: &Schema, id: Uuid, accounted: i64) -> R
     sqlx::query(sql).bind(id).execute(&mut *tx).await.map_err(db("completing the job"))?;
     tx.commit().await.map_err(db("completing the job"))?;
     info!(job = %id, rows = accounted, "every row applied at every sink: job completed");
+    crate::notify::notify(pool, schema, id, "completed").await;
     get(pool, schema, id).await
 }
 

@@ -260,7 +260,8 @@ fn reason_of(dead: &records::DeadLetterRecord) -> String {
     if detail.is_empty() { dead.reason.clone() } else { format!("{} ({detail})", dead.reason) }
 }
 
-/// The newest job sent to `sink` that published the entity, and the version it sent.
+/// The newest job sent to `sink` that published the entity, and the version it sent. A job
+/// forgets its rows when it completes: this finds jobs in progress.
 async fn last_job(
     pool: &PgPool,
     schema: &Schema,

@@ -114,6 +114,9 @@ pub struct JobSpec {
     /// `--delete-missing`: tombstones for what the sink holds and the source lacks.
     #[serde(default)]
     pub delete_missing: Option<DeletePlan>,
+    /// `--notify`: where each change of the job's state is POSTed.
+    #[serde(default)]
+    pub notify: Option<String>,
 }
 
 fn one() -> u32 {
@@ -161,6 +164,8 @@ pub struct JobOptions {
     /// Also delete, at this sink, the entities it holds that the source no longer has, up to
     /// the limit (refused above it, before anything is sent).
     pub delete_missing: Option<(String, DeleteLimit)>,
+    /// An http(s) URL to POST each change of the job's state to.
+    pub notify: Option<String>,
 }
 
 impl Default for JobOptions {
@@ -176,6 +181,7 @@ impl Default for JobOptions {
             skip_unchanged: false,
             readers: DEFAULT_READERS,
             delete_missing: None,
+            notify: None,
         }
     }
 }
@@ -249,6 +255,7 @@ pub(crate) async fn create(
             .delete_missing
             .as_ref()
             .map(|(sink, limit)| delete_plan(source, options, sink, *limit)),
+        notify: options.notify.clone(),
     };
     if let Some(plan) = &spec.delete_missing {
         let missing = missing_entities(pool, schema, &spec.entity_type, plan).await?;

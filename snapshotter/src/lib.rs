@@ -31,6 +31,7 @@ mod deletes;
 pub mod entity;
 pub mod job;
 mod lifecycle;
+mod notify;
 mod outage;
 mod query;
 mod run;

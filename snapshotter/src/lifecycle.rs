@@ -13,6 +13,7 @@ use tracing::info;
 use uuid::Uuid;
 
 use crate::job::{Job, JobOptions, JobStatus, create, get, load_spec, transition};
+use crate::notify::notify;
 use crate::outage::riding_out_database_outages;
 use crate::{Result, await_completion, db, run};
 
@@ -27,6 +28,7 @@ pub async fn start(
     options: &JobOptions,
 ) -> Result<Uuid> {
     let id = create(pool, schema, namespace, source, options).await?;
+    notify(pool, schema, id, "started").await;
     for service in &options.paused_services {
         let reason = format!("resync job {id} (pause-live)");
         control::pause(pool, schema, service, Stream::Live, Some(&reason))
@@ -39,7 +41,9 @@ pub async fn start(
 
 /// Stops a running job after the chunks in flight (its runner returns; [`resume`] continues).
 pub async fn pause(pool: &PgPool, schema: &Schema, id: Uuid) -> Result<Job> {
-    transition(pool, schema, id, &[JobStatus::Running], JobStatus::Paused).await
+    let job = transition(pool, schema, id, &[JobStatus::Running], JobStatus::Paused).await?;
+    notify(pool, schema, id, "paused").await;
+    Ok(job)
 }
 
 /// Makes a paused or failed job `running` again, from its checkpoints (then [`drive`] it). A job
@@ -48,7 +52,11 @@ pub async fn resume(pool: &PgPool, schema: &Schema, id: Uuid) -> Result<Job> {
     let job = get(pool, schema, id).await?;
     match job.status {
         JobStatus::Paused | JobStatus::Failed => {
-            transition(pool, schema, id, &[JobStatus::Paused, JobStatus::Failed], JobStatus::Running).await
+            let job =
+                transition(pool, schema, id, &[JobStatus::Paused, JobStatus::Failed], JobStatus::Running)
+                    .await?;
+            notify(pool, schema, id, "resumed").await;
+            Ok(job)
         }
         _ => Ok(job),
     }
@@ -59,6 +67,7 @@ pub async fn resume(pool: &PgPool, schema: &Schema, id: Uuid) -> Result<Job> {
 pub async fn cancel(pool: &PgPool, schema: &Schema, id: Uuid) -> Result<(Job, Vec<String>)> {
     let from = [JobStatus::Running, JobStatus::Paused, JobStatus::Failed, JobStatus::Published];
     let job = transition(pool, schema, id, &from, JobStatus::Cancelled).await?;
+    notify(pool, schema, id, "cancelled").await;
     let resumed = resume_live(pool, schema, id).await?;
     Ok((job, resumed))
 }

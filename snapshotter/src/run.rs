@@ -35,8 +35,10 @@ pub async fn run(pool: &PgPool, schema: &Schema, transport: &dyn Transport, id: 
     let ran = riding_out_database_outages(id, "publishing", || run_once(pool, schema, transport, id)).await;
     if let Err(err) = &ran {
         let (from, to, error) = (JobStatus::Running, JobStatus::Failed, err.to_string());
-        if let Err(mark) = set_status_if(pool, schema, id, from, to, Some(&error)).await {
-            warn!(job = %id, error = %mark, "could not mark the job failed");
+        match set_status_if(pool, schema, id, from, to, Some(&error)).await {
+            Ok(true) => crate::notify::notify(pool, schema, id, "failed").await,
+            Ok(false) => {}
+            Err(mark) => warn!(job = %id, error = %mark, "could not mark the job failed"),
         }
     }
     ran

@@ -1992,6 +1992,79 @@ async fn delete_missing_removes_what_the_source_lost_within_its_guard_and_scope(
     world.cleanup().await;
 }
 
+/// An HTTP receiver of the test's own: keeps the JSON body of every POST, answers 204.
+async fn json_receiver() -> (String, Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = received.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            let body = loop {
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break None;
+                }
+                request.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&request);
+                let Some((head, body)) = text.split_once("\r\n\r\n") else { continue };
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
+                    })
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    break Some(body[..length].to_string());
+                }
+            };
+            if let Some(body) = body.and_then(|b| serde_json::from_str(&b).ok()) {
+                keep.lock().expect("received").push(body);
+            }
+            let _ = stream.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n").await;
+        }
+    });
+    (url, received)
+}
+
+/// `--notify URL` gets a JSON document at every change of a job's state, from whichever process
+/// made it: started (`job start --detach`), paused (`job pause`), resumed and completed (`job
+/// resume`, which runs it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notify_receiver_gets_every_transition_of_a_paused_resumed_and_completed_job() {
+    let mut world = World::new("rabbitmq", ApiConfig::default()).await;
+    let (_, truth) = shuffled_history(300, 1, 0.0, 43);
+    world.seed(truth).await;
+    let _consumer = world.consumer("15s");
+    let (url, received) = json_receiver().await;
+
+    let started =
+        world.resync().args(["job", "start", "--entity", "listing", "--detach", "--notify", &url]).output();
+    let started = started.expect("job start");
+    assert!(started.status.success(), "job start: {}", String::from_utf8_lossy(&started.stderr));
+    let id =
+        String::from_utf8_lossy(&started.stdout).split_whitespace().nth(1).unwrap_or_default().to_string();
+    for step in [vec!["job", "pause", &id], vec!["job", "resume", &id]] {
+        let out = world.resync().args(&step).output().expect("job command");
+        assert!(out.status.success(), "{step:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    let events: Vec<serde_json::Value> = received.lock().expect("received").clone();
+    let names: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(names, ["started", "paused", "resumed", "completed"], "{events:#?}");
+    assert!(events.iter().all(|e| e["job"]["id"] == id.as_str()), "every notice names the job: {events:#?}");
+    assert_eq!(events[3]["job"]["status"], "completed");
+    assert_eq!(events[3]["job"]["applied"], 300);
+    let shown = world.resync().args(["job", "show", &id]).output().expect("job show");
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("status     completed") && shown.contains("applied    300"), "{shown}");
+    world.cleanup().await;
+}
+
 /// A resync re-sends every entity, also at the version the sink has (after a bug in the sync
 /// the third party may hold something else); with `--skip-unchanged`, entities whose content the
 /// sink has cost no API call.
