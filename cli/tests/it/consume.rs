@@ -168,6 +168,29 @@ impl World {
         }
     }
 
+    /// Seeds `truth`, publishes the events of the first third of its entities and starts
+    /// `consumers` consumers, until half of those entities got a write; returns the consumers
+    /// and the other two thirds' events, to publish once the fault under test has begun: work
+    /// is left for the fault to meet whatever the machine's speed.
+    async fn start_before_a_fault(
+        &mut self,
+        events: Vec<Envelope>,
+        truth: BTreeMap<String, Expected>,
+        consumers: usize,
+    ) -> (Vec<Process>, Vec<Envelope>) {
+        let early: std::collections::BTreeSet<String> = truth.keys().take(truth.len() / 3).cloned().collect();
+        let (before, after): (Vec<Envelope>, Vec<Envelope>) =
+            events.into_iter().partition(|event| early.contains(&event.entity_id));
+        self.seed(truth).await;
+        self.publish_events(&before).await;
+        let processes: Vec<Process> = (0..consumers).map(|_| self.consumer("15s")).collect();
+        resync_testkit::poll_some(Duration::from_secs(120), "writes flowing before the fault", || async {
+            (self.applied_writes().await >= early.len() as u64 / 2).then_some(())
+        })
+        .await;
+        (processes, after)
+    }
+
     /// Writes the truth to the source table: what the third party must end up holding.
     async fn seed(&mut self, truth: BTreeMap<String, Expected>) {
         self.source.insert_all(&self.pool, &truth).await.expect("source rows");
@@ -576,19 +599,7 @@ async fn down_longer_than_every_retry(kind: &'static str, down: Down, outage: Ou
     let proxy = resync_testkit::proxy::TcpProxy::start(world.api.addr()).await;
     world.route_sink_through(&proxy);
     let (events, truth) = shuffled_history(entities, versions, 0.0, 21);
-    // A third of the entities are published before the outage, the rest once it has begun: the
-    // consumers, however fast, cannot have finished before it (then nothing would be held).
-    let early: std::collections::BTreeSet<String> = truth.keys().take(entities / 3).cloned().collect();
-    let (before, during): (Vec<Envelope>, Vec<Envelope>) =
-        events.into_iter().partition(|event| early.contains(&event.entity_id));
-    world.seed(truth).await;
-    world.publish_events(&before).await;
-    let _consumers: Vec<Process> = (0..4).map(|_| world.consumer("15s")).collect();
-    // Every early entity gets at least one write (its newest version); half of them is "flowing".
-    resync_testkit::poll_some(Duration::from_secs(120), "writes flowing before the outage", || async {
-        (world.applied_writes().await >= early.len() as u64 / 2).then_some(())
-    })
-    .await;
+    let (_consumers, during) = world.start_before_a_fault(events, truth, 4).await;
 
     let calls_while_down = async || match down {
         Down::Refusing => proxy.refused(),
@@ -1058,19 +1069,8 @@ async fn rabbitmq_consumers_on_a_redis_cluster_ride_out_a_primary_killed_mid_str
     let mut world = World::new("rabbitmq", faulty_api(17)).await;
     let mut cluster = resync_testkit::OwnRedisCluster::start().await;
     world.redis_url = cluster.urls();
-    let entities = 300;
-    let (events, truth) = shuffled_history(entities, 5, 0.1, 19);
-    // A third of the entities before the kill, the rest after: work is left whatever the speed.
-    let early: std::collections::BTreeSet<String> = truth.keys().take(entities / 3).cloned().collect();
-    let (before, after): (Vec<Envelope>, Vec<Envelope>) =
-        events.into_iter().partition(|event| early.contains(&event.entity_id));
-    world.seed(truth).await;
-    world.publish_events(&before).await;
-    let _consumers: Vec<Process> = (0..4).map(|_| world.consumer("15s")).collect();
-    resync_testkit::poll_some(Duration::from_secs(120), "writes flowing before the kill", || async {
-        (world.applied_writes().await >= early.len() as u64 / 2).then_some(())
-    })
-    .await;
+    let (events, truth) = shuffled_history(300, 5, 0.1, 19);
+    let (_consumers, after) = world.start_before_a_fault(events, truth, 4).await;
 
     let victim = cluster.primaries()[0];
     cluster.kill(victim);
@@ -1093,19 +1093,8 @@ async fn rabbitmq_consumers_on_a_redis_cluster_ride_out_a_primary_killed_mid_str
 async fn rabbitmq_consumers_ride_out_a_postgres_restart_mid_stream() {
     let postgres = resync_testkit::OwnPostgres::start();
     let mut world = World::on_database("rabbitmq", faulty_api(23), postgres.url()).await;
-    let entities = 300;
-    let (events, truth) = shuffled_history(entities, 5, 0.1, 29);
-    // A third of the entities before the restart, the rest after: work is left whatever the speed.
-    let early: std::collections::BTreeSet<String> = truth.keys().take(entities / 3).cloned().collect();
-    let (before, after): (Vec<Envelope>, Vec<Envelope>) =
-        events.into_iter().partition(|event| early.contains(&event.entity_id));
-    world.seed(truth).await;
-    world.publish_events(&before).await;
-    let _consumers: Vec<Process> = (0..4).map(|_| world.consumer("15s")).collect();
-    resync_testkit::poll_some(Duration::from_secs(120), "writes flowing before the restart", || async {
-        (world.applied_writes().await >= early.len() as u64 / 2).then_some(())
-    })
-    .await;
+    let (events, truth) = shuffled_history(300, 5, 0.1, 29);
+    let (_consumers, after) = world.start_before_a_fault(events, truth, 4).await;
 
     let restarted_at = tokio::time::Instant::now();
     postgres.restart();
