@@ -316,7 +316,9 @@ pub struct SourceSpec {
     pub entity: String,
     /// `table` or `schema.table`.
     pub table: String,
-    pub id_column: String,
+    /// The key: one column (`id_column`), or several (`id_columns`, e.g. `tenant_id, id`) whose
+    /// text values, joined by `:`, form the entity id.
+    pub key_columns: Vec<String>,
     /// A column the application keeps equal to the version `resync.emit` assigned, checked
     /// against it; `None` (the default): a job reads resync's own per-entity counter.
     pub version_column: Option<String>,
@@ -369,6 +371,10 @@ struct SourceFile {
     table: String,
     /// The entity id column (any type; sent as text). Default `id`.
     id_column: Option<String>,
+    /// Instead of `id_column`: a composite key, e.g. `["tenant_id", "id"]`. The entity id is
+    /// the columns' text values joined by `:` (`7:42`), so values must not contain `:`; rows
+    /// are read in the key's order (tenant, then id).
+    id_columns: Option<Vec<String>>,
     /// Optional. By default a job sends the version `resync.emit` last assigned to the entity
     /// (resync's own counter, read in the job's snapshot), so live and resync events always
     /// agree. Name a column only if the table keeps a copy of that version (it is checked
@@ -650,8 +656,26 @@ fn validate_source(
     for part in parts.by_ref() {
         check_identifier(file, &key("table"), part)?;
     }
-    let id_column = raw.id_column.unwrap_or_else(|| "id".into());
-    check_identifier(file, &key("id_column"), &id_column)?;
+    let key_columns = match (raw.id_column, raw.id_columns) {
+        (None, None) => vec!["id".to_string()],
+        (Some(column), None) => {
+            check_identifier(file, &key("id_column"), &column)?;
+            vec![column]
+        }
+        (None, Some(columns)) if !columns.is_empty() => {
+            for (j, column) in columns.iter().enumerate() {
+                check_identifier(file, &key(&format!("id_columns[{j}]")), column)?;
+            }
+            columns
+        }
+        _ => {
+            return Err(invalid(
+                file,
+                key("id_columns"),
+                "expected one of `id_column` (one key column) and `id_columns` (a non-empty list), not both",
+            ));
+        }
+    };
     if let Some(column) = &raw.version_column {
         check_identifier(file, &key("version_column"), column)?;
     }
@@ -683,7 +707,7 @@ fn validate_source(
     Ok(SourceSpec {
         entity: raw.entity,
         table: raw.table,
-        id_column,
+        key_columns,
         version_column: raw.version_column,
         data,
         deleted_column: raw.deleted_column,
@@ -1287,12 +1311,23 @@ publishes = ["listing.created", "listing.updated", "listing.deleted"]
         )
         .expect("valid");
         let source = &service.sources[0];
-        assert_eq!((source.id_column.as_str(), source.version_column.as_deref()), ("id", None));
+        assert_eq!(
+            (source.key_columns.as_slice(), source.version_column.as_deref()),
+            (&["id".to_string()][..], None)
+        );
         assert_eq!(source.data, SourceData::Columns(vec!["title".into(), "price".into()]));
 
         let cases = [
             ("table = \"listings; drop table x\"\ndata_column = \"d\"", "`sources[0].table`"),
             ("table = \"l\"\ndata_column = \"d\"\nid_column = \"id)\"", "`sources[0].id_column`"),
+            (
+                "table = \"l\"\ndata_column = \"d\"\nid_columns = [\"t\", \"id;\"]",
+                "`sources[0].id_columns[1]`",
+            ),
+            (
+                "table = \"l\"\ndata_column = \"d\"\nid_column = \"id\"\nid_columns = [\"t\"]",
+                "`sources[0].id_columns`",
+            ),
             ("table = \"l\"", "`sources[0].data_column`"),
             ("table = \"l\"\ndata_column = \"d\"\nfilter = \"true; delete\"", "`sources[0].filter`"),
             ("table = \"l\"\ndata_column = \"d\"\nfilter = \"1=1) OR (true\"", "`sources[0].filter`"),

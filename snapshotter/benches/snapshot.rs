@@ -85,7 +85,7 @@ async fn job(
     let source = SourceSpec {
         entity: "listing".into(),
         table: format!("{}.listings", schema.name()),
-        id_column: "id".into(),
+        key_columns: vec!["id".into()],
         version_column: Some("version".into()),
         data: SourceData::Column("data".into()),
         deleted_column: Some("deleted".into()),

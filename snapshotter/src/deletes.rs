@@ -29,8 +29,8 @@ pub struct DeletePlan {
     pub sink: String,
     /// The source table, quoted for SQL.
     pub table: String,
-    /// Its key column, quoted for SQL.
-    pub key: String,
+    /// The entity id of a row of the table aliased `src`, as SQL.
+    pub id_text: String,
     /// The job's `--filter`, evaluated on the content the sink last applied.
     pub scope: Option<String>,
     /// A `jsonb` expression over `p.data` (the content applied) and `p.entity_id` giving the
@@ -110,14 +110,14 @@ pub(crate) async fn missing_entities(
     plan: &DeletePlan,
 ) -> Result<Missing> {
     let present_sql = resync_consumer::records::present_at_sink_query(schema);
-    let (table, key) = (&plan.table, &plan.key);
+    let (table, id_text) = (&plan.table, &plan.id_text);
     let scope = plan.scope.as_deref().map_or(String::new(), |filter| {
         let as_row = &plan.as_row;
         format!(" AND EXISTS (SELECT 1 FROM jsonb_populate_record(NULL::{table}, {as_row}) AS src WHERE ({filter}))")
     });
     let missing_sql = format!(
-        "SELECT p.entity_id, p.version FROM ({present_sql}) p LEFT JOIN {table} AS src ON src.{key}::text = p.entity_id \
-         WHERE src.{key} IS NULL{scope} ORDER BY p.entity_id"
+        "SELECT p.entity_id, p.version FROM ({present_sql}) p \
+         WHERE NOT EXISTS (SELECT 1 FROM {table} AS src WHERE {id_text} = p.entity_id){scope} ORDER BY p.entity_id"
     );
     let entities: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(missing_sql))
         .bind(&plan.sink)
@@ -221,10 +221,10 @@ async fn versioned_tombstones(
             VersionSource::Column => chunk.iter().map(|(id, version)| (id.clone(), version + 1)).collect(),
         };
         // Under the counter locks: a row created meanwhile is seen now, and its entity spared.
-        let (table, key) = (&plan.table, &plan.key);
+        let (table, id_text) = (&plan.table, &plan.id_text);
         let still_missing_sql = format!(
-            "SELECT k.id FROM unnest($1::text[]) AS k(id) LEFT JOIN {table} AS src ON src.{key}::text = k.id \
-             WHERE src.{key} IS NULL"
+            "SELECT k.id FROM unnest($1::text[]) AS k(id) \
+             WHERE NOT EXISTS (SELECT 1 FROM {table} AS src WHERE {id_text} = k.id)"
         );
         let still_missing: Vec<String> = sqlx::query_scalar(AssertSqlSafe(still_missing_sql))
             .bind(&ids)

@@ -286,7 +286,7 @@ fn delete_plan(source: &SourceSpec, options: &JobOptions, sink: &str, limit: Del
     DeletePlan {
         sink: sink.to_string(),
         table: crate::query::quoted_table(&source.table),
-        key: crate::query::quote(&source.id_column),
+        id_text: crate::query::entity_id_text(&source.key_columns),
         scope: options.filter.clone(),
         as_row: applied_as_row(source),
         limit,
@@ -294,13 +294,21 @@ fn delete_plan(source: &SourceSpec, options: &JobOptions, sink: &str, limit: Del
 }
 
 /// The row a sink's applied content came from, as `jsonb`: the data column holding the content,
-/// or the data columns as its keys, and the id. Validated identifiers hold no quote, so they
-/// are safe as literals.
+/// or the data columns as its keys, and the key column(s) from the entity id. Validated
+/// identifiers hold no quote, so they are safe as literals.
 fn applied_as_row(source: &SourceSpec) -> String {
-    let id = format!("'{}', p.entity_id", source.id_column);
+    let key: Vec<String> = match source.key_columns.as_slice() {
+        [one] => vec![format!("'{one}', p.entity_id")],
+        many => many
+            .iter()
+            .enumerate()
+            .map(|(i, column)| format!("'{column}', split_part(p.entity_id, ':', {})", i + 1))
+            .collect(),
+    };
+    let key = key.join(", ");
     match &source.data {
-        fare_config::SourceData::Column(column) => format!("jsonb_build_object('{column}', p.data, {id})"),
-        fare_config::SourceData::Columns(_) => format!("(p.data || jsonb_build_object({id}))"),
+        fare_config::SourceData::Column(column) => format!("jsonb_build_object('{column}', p.data, {key})"),
+        fare_config::SourceData::Columns(_) => format!("(p.data || jsonb_build_object({key}))"),
     }
 }
 

@@ -18,6 +18,9 @@ use crate::{JobError, Result, db};
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ReadRow {
     pub(crate) id: String,
+    /// The row's key as a checkpoint: the id for a one-column key, a JSON array of the
+    /// columns' text values for a composite one.
+    pub(crate) checkpoint: String,
     /// The version `resync.emit` last assigned to the entity; `None`: it never emitted one.
     pub(crate) counted: Option<i64>,
     /// The table's own `version_column`, if the source names one.
@@ -65,6 +68,56 @@ pub struct SourceQuery {
     /// One row by its id as text (`$1`). Not stored with a job: only `entity show` uses it.
     #[serde(skip)]
     pub one: String,
+}
+
+/// A source's key in SQL, over the table aliased `src`. The output column `id` is text; in
+/// ORDER BY a bare `"id"` would name it (output names win there) and sort an integer key in
+/// text order, so key columns are always qualified: chunks and checkpoints follow the key's own
+/// order.
+struct KeySql {
+    /// The entity id: the column's text, or the columns' texts joined by `:`.
+    id_text: String,
+    /// A checkpoint: the id for one column; a JSON array of the columns' texts for several.
+    checkpoint_text: String,
+    /// The key columns, for `ORDER BY`.
+    order: String,
+    /// The key as one value to compare: `src.c` or `(src.c1, src.c2)`.
+    tuple: String,
+    types: Vec<String>,
+}
+
+impl KeySql {
+    fn new(columns: &[String], types: Vec<String>) -> Self {
+        let qualified: Vec<String> = columns.iter().map(|c| format!("src.{}", quote(c))).collect();
+        let texts: Vec<String> = qualified.iter().map(|c| format!("{c}::text")).collect();
+        let (checkpoint_text, tuple) = match qualified.as_slice() {
+            [one] => (format!("{one}::text"), one.clone()),
+            _ => (
+                format!("jsonb_build_array({})::text", texts.join(", ")),
+                format!("({})", qualified.join(", ")),
+            ),
+        };
+        Self { id_text: entity_id_text(columns), checkpoint_text, order: qualified.join(", "), tuple, types }
+    }
+
+    /// The checkpoint parameter `$n`, as a value comparable with `tuple`.
+    fn param(&self, n: u8) -> String {
+        match self.types.as_slice() {
+            [one] => format!("CAST(${n} AS {one})"),
+            many => {
+                let parts: Vec<String> =
+                    many.iter().enumerate().map(|(i, t)| format!("CAST(${n}::jsonb->>{i} AS {t})")).collect();
+                format!("({})", parts.join(", "))
+            }
+        }
+    }
+}
+
+/// The entity id of a row of the table aliased `src`: its key column as text, or its key
+/// columns' texts joined by `:`.
+pub(crate) fn entity_id_text(columns: &[String]) -> String {
+    let texts: Vec<String> = columns.iter().map(|c| format!("src.{}::text", quote(c))).collect();
+    texts.join(" || ':' || ")
 }
 
 /// An SQL string literal (standard_conforming_strings: only `'` needs doubling).
@@ -116,7 +169,9 @@ impl SourceQuery {
                 .map(|(_, t)| t.clone())
                 .ok_or_else(|| problem(format!("no column `{column}` (columns: {})", names(&columns))))
         };
-        let id_type = type_of(&source.id_column)?;
+        let key_types =
+            source.key_columns.iter().map(|column| type_of(column)).collect::<Result<Vec<_>>>()?;
+        let key = KeySql::new(&source.key_columns, key_types);
         let declared = match &source.version_column {
             Some(column) => {
                 type_of(column)?;
@@ -151,7 +206,6 @@ impl SourceQuery {
                 return Err(problem(format!("filter `{filter}`: not one boolean expression: {why}")));
             }
         }
-        let id = quote(&source.id_column);
         let mut filter = [source.filter.as_deref(), extra_filter]
             .into_iter()
             .flatten()
@@ -159,41 +213,43 @@ impl SourceQuery {
             .collect::<Vec<_>>();
         let entity = literal(&source.entity);
         if let Some(sink) = rejected_by {
-            let key_text = format!("{id}::text");
             filter.push(resync_consumer::records::dead_lettered_condition(
                 schema,
-                &key_text,
+                &key.id_text,
                 &literal(sink),
                 &entity,
             ));
         }
         let filter = if filter.is_empty() { "true".to_string() } else { filter.join(" AND ") };
-        // The output column `id` is text; in ORDER BY a bare `"id"` would name it (output names
-        // win there) and sort an integer key in text order, so the key is always qualified
-        // with the table's alias: chunks and checkpoints follow the key's own order.
-        let key = format!("src.{id}");
         // A subquery rather than a join: the filter and data columns name the table's columns
         // unqualified, and a join would make a table column called `version` ambiguous.
-        let counted = resync_producer::versions::counter_expression(schema, &entity, &format!("{key}::text"));
+        let counted = resync_producer::versions::counter_expression(schema, &entity, &key.id_text);
+        let KeySql { id_text, checkpoint_text, order, tuple, .. } = &key;
         let select = format!(
-            "SELECT {key}::text AS id, {counted} AS counted, {declared} AS declared, {deleted} AS deleted, \
-             {data} AS data FROM {table} AS src"
+            "SELECT {id_text} AS id, {checkpoint_text} AS checkpoint, {counted} AS counted, {declared} AS declared, \
+             {deleted} AS deleted, {data} AS data FROM {table} AS src"
         );
-        let upto = |n: u8| format!("(${n}::text IS NULL OR {key} <= CAST(${n} AS {id_type}))");
+        let upto = |n: u8| format!("(${n}::text IS NULL OR {tuple} <= {})", key.param(n));
         let versions = version_source(pool, schema, source).await?;
+        let one = if source.key_columns.len() == 1 {
+            format!("{select} WHERE {filter} AND {tuple} = {}", key.param(1))
+        } else {
+            format!("{select} WHERE {filter} AND {id_text} = $1")
+        };
         let query = Self {
             versions,
-            first_in_range: format!("{select} WHERE {filter} AND {} ORDER BY {key} LIMIT $1", upto(2)),
+            first_in_range: format!("{select} WHERE {filter} AND {} ORDER BY {order} LIMIT $1", upto(2)),
             after_in_range: format!(
-                "{select} WHERE {filter} AND {key} > CAST($1 AS {id_type}) AND {} ORDER BY {key} LIMIT $2",
+                "{select} WHERE {filter} AND {tuple} > {} AND {} ORDER BY {order} LIMIT $2",
+                key.param(1),
                 upto(3)
             ),
-            count: format!("SELECT count(*) FROM {table} WHERE {filter}"),
+            count: format!("SELECT count(*) FROM {table} AS src WHERE {filter}"),
             split_points: format!(
-                "SELECT id FROM (SELECT {id}::text AS id, row_number() OVER (ORDER BY {id}) AS n \
-                 FROM {table} WHERE {filter}) numbered WHERE n % $1 = 0 ORDER BY n LIMIT $2"
+                "SELECT checkpoint FROM (SELECT {checkpoint_text} AS checkpoint, row_number() OVER (ORDER BY {order}) AS n \
+                 FROM {table} AS src WHERE {filter}) numbered WHERE n % $1 = 0 ORDER BY n LIMIT $2"
             ),
-            one: format!("{select} WHERE {filter} AND {key} = CAST($1 AS {id_type})"),
+            one,
         };
         Ok(query)
     }
@@ -226,7 +282,7 @@ impl SourceQuery {
         sqlx::query("SET TRANSACTION READ ONLY").execute(&mut *conn).await.map_err(failed)?;
         let sample = self.chunk(&mut conn, None, None, VERSION_SAMPLE).await?;
         if let Some(row) = sample.first() {
-            self.chunk(&mut conn, Some(&row.id), Some(&row.id), 1).await?;
+            self.chunk(&mut conn, Some(&row.checkpoint), Some(&row.checkpoint), 1).await?;
         }
         if self.versions == VersionSource::Counter
             && let Some(problem) = version_disagreement(source, &sample)
@@ -299,6 +355,7 @@ fn read_row(row: &sqlx::postgres::PgRow) -> Result<ReadRow> {
     let decoded = || -> std::result::Result<ReadRow, sqlx::Error> {
         Ok(ReadRow {
             id: row.try_get("id")?,
+            checkpoint: row.try_get("checkpoint")?,
             counted: row.try_get("counted")?,
             declared: row.try_get("declared")?,
             deleted: row.try_get("deleted")?,

@@ -170,7 +170,7 @@ impl RangeRun<'_> {
                 .query
                 .chunk(&mut reader, checkpoint.as_deref(), range.upto_id.as_deref(), size)
                 .await?;
-            let last = rows.last().map(|r| r.id.clone());
+            let last = rows.last().map(|r| r.checkpoint.clone());
             let done = (rows.len() as i64) < size;
             let rows = versioned(self.pool, self.schema, self.spec, rows).await?;
             if !rows.is_empty() {

@@ -45,7 +45,7 @@ pub async fn verify_job(pool: &PgPool, schema: &Schema, id: Uuid, sink: &str) ->
     let mut checkpoint: Option<String> = None;
     loop {
         let rows = spec.query.chunk(&mut reader, checkpoint.as_deref(), None, 1000).await?;
-        let Some(last) = rows.last().map(|r| r.id.clone()) else { return Ok(report) };
+        let Some(last) = rows.last().map(|r| r.checkpoint.clone()) else { return Ok(report) };
         let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
         let applied = resync_consumer::records::applied_versions(pool, schema, sink, &spec.entity_type, &ids)
             .await

@@ -330,7 +330,8 @@ async fn parallel_readers_publish_the_table_as_of_one_snapshot() {
 /// row once, with chunk sizes and reader counts where the ids' text order differs from their
 /// native order (1, 10, 100, 101, ..., 2, 20, ...): a job once read integer keys in text
 /// order against a numeric checkpoint and skipped rows.
-async fn every_row_of_a_keyed_table_is_published_once(key_type: &str, ids: &[String]) {
+async fn every_row_of_a_keyed_table_is_published_once(key: &[(&str, &str)], ids: &[String]) {
+    let key_type = key.iter().map(|(name, t)| format!("{name} {t}")).collect::<Vec<_>>().join(", ");
     let namespace = unique_name("keys");
     let schema = Schema::new(namespace.replace('-', "_")).expect("schema");
     if let Err(err) = resync_migrations::migrate(&Service::Postgres.url(), &schema).await {
@@ -338,18 +339,33 @@ async fn every_row_of_a_keyed_table_is_published_once(key_type: &str, ids: &[Str
     }
     let pool = sqlx::PgPool::connect(&Service::Postgres.url()).await.expect("postgres");
     let table = format!("{}.items", schema.name());
-    let create =
-        format!("CREATE TABLE {table} (id {key_type} PRIMARY KEY, version bigint NOT NULL, data jsonb)");
+    let names: Vec<&str> = key.iter().map(|(name, _)| *name).collect();
+    let create = format!(
+        "CREATE TABLE {table} ({key_type}, version bigint NOT NULL, data jsonb, PRIMARY KEY ({}))",
+        names.join(", ")
+    );
     sqlx::query(sqlx::AssertSqlSafe(create)).execute(&pool).await.expect("create the table");
+    // A composite key's entity id is its columns' values joined by `:`.
+    let parts: Vec<String> = key
+        .iter()
+        .enumerate()
+        .map(|(i, (_, t))| format!("CAST(split_part(id, ':', {}) AS {t})", i + 1))
+        .collect();
     let insert = format!(
-        "INSERT INTO {table} SELECT CAST(id AS {key_type}), 1, jsonb_build_object('id', id) FROM unnest($1::text[]) id"
+        "INSERT INTO {table} ({}, version, data) SELECT {}, 1, jsonb_build_object('id', id) FROM unnest($1::text[]) id",
+        names.join(", "),
+        parts.join(", ")
     );
     sqlx::query(sqlx::AssertSqlSafe(insert)).bind(ids).execute(&pool).await.expect("rows");
     let config_dir = std::env::temp_dir().join(&namespace);
     std::fs::create_dir_all(&config_dir).expect("config dir");
+    let key_config = match names.as_slice() {
+        ["id"] => String::new(),
+        many => format!("id_columns = {many:?}\n"),
+    };
     let items = format!(
         "name = \"items\"\npublishes = [\"item.updated\"]\n[[sources]]\nentity = \"item\"\ntable = \"{table}\"\n\
-         data_column = \"data\"\n"
+         data_column = \"data\"\n{key_config}"
     );
     std::fs::write(config_dir.join("items.toml"), items).expect("config");
     let sync = "name = \"sync\"\n[[subscriptions]]\ntypes = [\"item.*\"]\nstreams = [\"resync\"]\n";
@@ -417,24 +433,33 @@ fn numbers(count: i64, scale: i64) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_over_integer_keys_publishes_every_row_once() {
-    every_row_of_a_keyed_table_is_published_once("integer", &numbers(300, 1)).await;
+    every_row_of_a_keyed_table_is_published_once(&[("id", "integer")], &numbers(300, 1)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_over_bigint_keys_publishes_every_row_once() {
     // Past 2^32, and of different lengths, so text order and numeric order differ.
-    every_row_of_a_keyed_table_is_published_once("bigint", &numbers(300, 33_333_333)).await;
+    every_row_of_a_keyed_table_is_published_once(&[("id", "bigint")], &numbers(300, 33_333_333)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_over_uuid_keys_publishes_every_row_once() {
     let ids: Vec<String> = (0..300).map(|_| uuid::Uuid::new_v4().to_string()).collect();
-    every_row_of_a_keyed_table_is_published_once("uuid", &ids).await;
+    every_row_of_a_keyed_table_is_published_once(&[("id", "uuid")], &ids).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_over_text_keys_publishes_every_row_once() {
-    every_row_of_a_keyed_table_is_published_once("text", &numbers(300, 1)).await;
+    every_row_of_a_keyed_table_is_published_once(&[("id", "text")], &numbers(300, 1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_over_a_composite_key_publishes_every_row_once_in_key_order() {
+    // Tenants and ids whose text order differs from their numeric order, ids repeated across
+    // tenants: (2, 10) comes after (2, 9), and (10, 1) after (9, 300).
+    let ids: Vec<String> =
+        (1..=12).flat_map(|tenant| (1..=25).map(move |id| format!("{tenant}:{}", id * 12))).collect();
+    every_row_of_a_keyed_table_is_published_once(&[("tenant_id", "integer"), ("id", "bigint")], &ids).await;
 }
 
 /// A source `filter` is one boolean expression that cannot change the query around it, and a
