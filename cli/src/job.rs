@@ -19,7 +19,11 @@ pub(crate) enum JobCommand {
     /// published. Killed or stopped, it continues from its last checkpoint with `resume`.
     Start(StartArgs),
     /// Continue a paused or interrupted job from its last checkpoint, in this process.
-    Resume { id: Uuid },
+    Resume {
+        id: Uuid,
+        #[command(flatten)]
+        source: SourceDb,
+    },
     /// Stop a running job after its current chunk (a runner stops; `resume` continues).
     Pause { id: Uuid },
     /// Stop a job for good.
@@ -71,6 +75,27 @@ enum JobMode {
     Concurrent,
     /// The subscribing services' live consumers are paused for the job.
     PauseLive,
+}
+
+/// Where a job reads its source rows.
+#[derive(Args)]
+pub(crate) struct SourceDb {
+    /// Read the source rows (in one snapshot) from this Postgres instead of RESYNC_DATABASE_URL:
+    /// a hot standby of it, so a resync puts no read load on the primary. The job's state is
+    /// still written to RESYNC_DATABASE_URL. Not recorded with the job: pass it to `resume` too.
+    #[arg(long, env = "RESYNC_SOURCE_URL", hide_env_values = true)]
+    source_url: Option<String>,
+}
+
+impl SourceDb {
+    /// A pool on the standby, if one is named.
+    async fn connect(&self) -> Result<Option<sqlx::PgPool>> {
+        let Some(url) = &self.source_url else { return Ok(None) };
+        let pool = sqlx::PgPool::connect(url).await.with_context(|| {
+            format!("connecting to the source database (--source-url) {}", resync_migrations::server(url))
+        })?;
+        Ok(Some(pool))
+    }
 }
 
 #[derive(Args)]
@@ -138,6 +163,8 @@ pub(crate) struct StartArgs {
     /// a receiver that is down is logged and never stops the job.
     #[arg(long, value_parser = http_url)]
     notify: Option<String>,
+    #[command(flatten)]
+    source: SourceDb,
 }
 
 fn http_url(text: &str) -> std::result::Result<String, String> {
@@ -215,16 +242,18 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
                 println!("paused {service} live until the job is finished");
             }
             if !args.detach {
-                drive(common, schema, &pool, id).await?;
+                let source = args.source.connect().await?;
+                drive(common, schema, &pool, source.as_ref(), id).await?;
             }
         }
-        JobCommand::Resume { id } => {
+        JobCommand::Resume { id, source } => {
+            let source = source.connect().await?;
             let job = resync_snapshotter::resume(&pool, schema, id).await?;
             if job.status.is_finished() {
                 println!("job {id} is {}: nothing to resume", job.status);
                 return Ok(());
             }
-            drive(common, schema, &pool, id).await?;
+            drive(common, schema, &pool, source.as_ref(), id).await?;
         }
         JobCommand::Pause { id } => {
             println!("{}", line(&resync_snapshotter::pause(&pool, schema, id).await?));
@@ -315,13 +344,21 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
 
 /// Takes the job as far as it goes in this process (see [`resync_snapshotter::drive`]), printing
 /// each milestone.
-async fn drive(common: &Common, schema: &Schema, pool: &sqlx::PgPool, id: Uuid) -> Result<()> {
+async fn drive(
+    common: &Common,
+    schema: &Schema,
+    pool: &sqlx::PgPool,
+    source: Option<&sqlx::PgPool>,
+    id: Uuid,
+) -> Result<()> {
     let transport = TransportConfig::named(&common.transport)?;
     let mut show = |milestone: Milestone<'_>| match milestone {
         Milestone::Ran(job) | Milestone::Awaited(job) => println!("{}", line(job)),
         Milestone::LiveResumed(service) => println!("resumed {service} live"),
     };
-    resync_snapshotter::drive(pool, schema, &transport, id, Duration::from_millis(500), &mut show).await?;
+    let source = source.unwrap_or(pool);
+    resync_snapshotter::drive(pool, source, schema, &transport, id, Duration::from_millis(500), &mut show)
+        .await?;
     Ok(())
 }
 

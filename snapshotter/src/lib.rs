@@ -49,7 +49,7 @@ pub use job::{
 };
 pub use lifecycle::{Milestone, cancel, drive, pause, resume, start};
 pub use query::{SourceQuery, VersionSource};
-pub use run::{SourceRow, run};
+pub use run::{SourceRow, run, run_reading};
 pub use verify::{Drift, JobVerification, MAX_DRIFT_LISTED, verify_job};
 
 /// Errors of a job.

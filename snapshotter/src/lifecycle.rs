@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::job::{Job, JobOptions, JobStatus, create, get, load_spec, transition};
 use crate::notify::notify;
 use crate::outage::riding_out_database_outages;
-use crate::{Result, await_completion, db, run};
+use crate::{Result, await_completion, db, run_reading};
 
 /// Records a new job (status `running`, not yet run: [`drive`] runs it); in `pause-live` mode
 /// also pauses the live stream of every service in [`JobOptions::paused_services`] until the
@@ -83,11 +83,12 @@ pub enum Milestone<'a> {
     LiveResumed(&'a str),
 }
 
-/// Takes a job as far as it goes: publishes it if it is running (from its checkpoints, through
-/// a transport connected for the purpose), waits until its sinks applied every row if it is
+/// Takes a job as far as it goes: publishes it if it is running (from its checkpoints, reading
+/// rows from `source`, through a transport connected for the purpose), waits until its sinks applied every row if it is
 /// published (checking every `poll`), and ends `pause-live` once it is finished.
 pub async fn drive(
     pool: &PgPool,
+    source: &PgPool,
     schema: &Schema,
     transport: &TransportConfig,
     id: Uuid,
@@ -97,7 +98,7 @@ pub async fn drive(
     let mut job = get(pool, schema, id).await?;
     if job.status == JobStatus::Running {
         let transport = transport.connect().await?;
-        let ran = run(pool, schema, transport.as_ref(), id).await;
+        let ran = run_reading(pool, source, schema, transport.as_ref(), id).await;
         transport.close().await?;
         job = ran?;
         report(Milestone::Ran(&job));

@@ -27,12 +27,26 @@ use crate::{JobError, Result, db};
 /// otherwise leaves the job `failed` with its error (never `running` with nobody running it);
 /// `resync job resume` runs it again from its checkpoints.
 pub async fn run(pool: &PgPool, schema: &Schema, transport: &dyn Transport, id: Uuid) -> Result<Job> {
+    run_reading(pool, pool, schema, transport, id).await
+}
+
+/// [`run`], reading the source rows (in one snapshot) from `source`, e.g. a hot standby, so a
+/// resync puts no read load on the primary; the job's state and the versions of entities
+/// resync never counted are written through `pool`.
+pub async fn run_reading(
+    pool: &PgPool,
+    source: &PgPool,
+    schema: &Schema,
+    transport: &dyn Transport,
+    id: Uuid,
+) -> Result<Job> {
     let job = get(pool, schema, id).await?;
     if job.status != JobStatus::Running {
         let hint = "only a running job runs (`resync job resume` continues a paused or failed one)";
         return Err(JobError::State { id, status: job.status, hint });
     }
-    let ran = riding_out_database_outages(id, "publishing", || run_once(pool, schema, transport, id)).await;
+    let ran =
+        riding_out_database_outages(id, "publishing", || run_once(pool, source, schema, transport, id)).await;
     if let Err(err) = &ran {
         let (from, to, error) = (JobStatus::Running, JobStatus::Failed, err.to_string());
         match set_status_if(pool, schema, id, from, to, Some(&error)).await {
@@ -46,20 +60,32 @@ pub async fn run(pool: &PgPool, schema: &Schema, transport: &dyn Transport, id: 
 
 /// One attempt, on the job as it stands now: an earlier attempt may have planned its ranges,
 /// and it may have been paused or cancelled meanwhile.
-async fn run_once(pool: &PgPool, schema: &Schema, transport: &dyn Transport, id: Uuid) -> Result<Job> {
+async fn run_once(
+    pool: &PgPool,
+    source: &PgPool,
+    schema: &Schema,
+    transport: &dyn Transport,
+    id: Uuid,
+) -> Result<Job> {
     let job = get(pool, schema, id).await?;
     if job.status != JobStatus::Running {
         return Ok(job);
     }
-    run_ranges(pool, schema, transport, job).await
+    run_ranges(pool, source, schema, transport, job).await
 }
 
-async fn run_ranges(pool: &PgPool, schema: &Schema, transport: &dyn Transport, job: Job) -> Result<Job> {
+async fn run_ranges(
+    pool: &PgPool,
+    source: &PgPool,
+    schema: &Schema,
+    transport: &dyn Transport,
+    job: Job,
+) -> Result<Job> {
     let id = job.id;
     let spec = load_spec(pool, schema, id).await?;
     // One snapshot for the whole run: every row as of one instant, however long the run. The
     // readers import it; this transaction keeps it alive until they are done.
-    let mut snapshot = open_snapshot(pool).await?;
+    let mut snapshot = open_snapshot(source).await?;
     if job.total.is_none() {
         plan_ranges(pool, schema, &mut snapshot, id, &spec).await?;
     }
@@ -68,9 +94,11 @@ async fn run_ranges(pool: &PgPool, schema: &Schema, transport: &dyn Transport, j
         .await
         .map_err(db("exporting the snapshot"))?;
     let ranges = pending_ranges(pool, schema, id).await?;
-    // Each reader holds a connection for its range; leave two for the snapshot and checkpoints.
-    let readers = (pool.options().get_max_connections() as usize).saturating_sub(2).max(1);
-    let run = RangeRun { pool, schema, transport, id, spec: &spec, snapshot: &snapshot_id };
+    // Each reader holds a connection of `source` for its range; leave one for the snapshot, and
+    // one for the checkpoints when the state shares the pool.
+    let spare = if std::ptr::eq(pool, source) { 2 } else { 1 };
+    let readers = (source.options().get_max_connections() as usize).saturating_sub(spare).max(1);
+    let run = RangeRun { pool, source, schema, transport, id, spec: &spec, snapshot: &snapshot_id };
     let pacer = tokio::sync::Mutex::new(Pacer::new(spec.rate));
     let outcomes: Vec<RangeEnd> =
         futures::stream::iter(ranges.into_iter().map(|range| run.read(range, &pacer)))
@@ -150,6 +178,8 @@ async fn pending_ranges(pool: &PgPool, schema: &Schema, id: Uuid) -> Result<Vec<
 /// What every reader of one run shares.
 struct RangeRun<'a> {
     pool: &'a PgPool,
+    /// Where the rows are read (the primary, or a standby).
+    source: &'a PgPool,
     schema: &'a Schema,
     transport: &'a dyn Transport,
     id: Uuid,
@@ -161,7 +191,7 @@ struct RangeRun<'a> {
 impl RangeRun<'_> {
     /// Publishes one range chunk by chunk from its checkpoint, in the shared snapshot.
     async fn read(&self, range: Range, pacer: &tokio::sync::Mutex<Pacer>) -> Result<RangeEnd> {
-        let mut reader = import_snapshot(self.pool, self.snapshot).await?;
+        let mut reader = import_snapshot(self.source, self.snapshot).await?;
         let size = self.spec.chunk_size;
         let mut checkpoint = range.checkpoint.clone().or_else(|| range.after_id.clone());
         loop {

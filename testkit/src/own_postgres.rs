@@ -59,6 +59,60 @@ impl OwnPostgres {
         postgres
     }
 
+    /// A hot standby of this server (`pg_basebackup -R`: streaming replication), on a port of
+    /// its own, started.
+    pub fn start_standby(&self) -> OwnPostgres {
+        let dir = std::env::temp_dir().join(unique_name("postgres-standby"));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        if crate::is_root() {
+            let _ = Command::new("chown").args(["-R", "postgres"]).arg(&dir).status();
+        }
+        let standby = Self { bin: self.bin.clone(), dir, port: free_port() };
+        let port = self.port.to_string();
+        let data = standby.data();
+        standby.run(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-D",
+                &data,
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+            ],
+        );
+        standby.pg_ctl("start");
+        standby
+    }
+
+    /// Runs one SQL statement with psql, as `postgres`, on the `test` database.
+    pub fn psql(&self, sql: &str) -> String {
+        let output = Command::new(self.bin.join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "test",
+                "-Atqc",
+                sql,
+            ])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run psql: {e}"));
+        assert!(output.status.success(), "psql `{sql}`: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/test", self.port)
     }

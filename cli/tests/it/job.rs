@@ -33,6 +33,8 @@ fn resync(config_dir: &std::path::Path, schema: &Schema, namespace: &str) -> Com
 /// A source table of `rows`, a `listings` service mapping it, a `sync` service subscribed on
 /// the resync stream, their topology on RabbitMQ, and resync's schema.
 struct Setup {
+    /// The shared Postgres, unless a test runs its own.
+    database_url: String,
     namespace: String,
     schema: Schema,
     pool: sqlx::PgPool,
@@ -44,12 +46,16 @@ struct Setup {
 
 impl Setup {
     async fn new(count: usize) -> Self {
+        Self::on(Service::Postgres.url(), count).await
+    }
+
+    async fn on(database_url: String, count: usize) -> Self {
         let namespace = unique_name("job");
         let schema = Schema::new(namespace.replace('-', "_")).expect("schema");
-        if let Err(err) = resync_migrations::migrate(&Service::Postgres.url(), &schema).await {
+        if let Err(err) = resync_migrations::migrate(&database_url, &schema).await {
             service_unreachable(Service::Postgres, err);
         }
-        let pool = sqlx::PgPool::connect(&Service::Postgres.url()).await.expect("postgres");
+        let pool = sqlx::PgPool::connect(&database_url).await.expect("postgres");
         let rows: BTreeMap<String, Expected> = (0..count)
             .map(|i| {
                 let state = Expected {
@@ -83,11 +89,13 @@ impl Setup {
         let topology =
             Topology::desired(&fare_config::load_dir(&config_dir).expect("config"), Some(&namespace));
         fare_config::apply(transport.as_ref(), &topology).await.expect("fare apply");
-        Self { namespace, schema, pool, config_dir, transport, topology, rows }
+        Self { database_url, namespace, schema, pool, config_dir, transport, topology, rows }
     }
 
     fn resync(&self) -> Command {
-        resync(&self.config_dir, &self.schema, &self.namespace)
+        let mut command = resync(&self.config_dir, &self.schema, &self.namespace);
+        command.env("RESYNC_DATABASE_URL", &self.database_url);
+        command
     }
 
     /// Receives resync events from the sync service's queue until `expected` distinct entities
@@ -460,6 +468,43 @@ async fn a_job_over_a_composite_key_publishes_every_row_once_in_key_order() {
     let ids: Vec<String> =
         (1..=12).flat_map(|tenant| (1..=25).map(move |id| format!("{tenant}:{}", id * 12))).collect();
     every_row_of_a_keyed_table_is_published_once(&[("tenant_id", "integer"), ("id", "bigint")], &ids).await;
+}
+
+/// `--source-url` reads the rows from a hot standby (the test's own primary and its streaming
+/// replica): with the standby's replay paused, a row inserted on the primary afterwards is not
+/// published, so the rows came from the standby; the job's state went to the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_reads_its_rows_from_a_hot_standby_with_source_url() {
+    let primary = resync_testkit::OwnPostgres::start();
+    let setup = Setup::on(primary.url(), 300).await;
+    let standby = primary.start_standby();
+    let table = format!("{}.listings", setup.schema.name());
+    resync_testkit::poll_some(Duration::from_secs(60), "the standby has the rows", || {
+        let count = standby.psql(&format!("SELECT count(*) FROM {table}"));
+        async move { (count == "300").then_some(()) }
+    })
+    .await;
+    standby.psql("SELECT pg_wal_replay_pause()");
+    let late = format!("INSERT INTO {table} (id, version, deleted, data) VALUES ('late', 1, false, '{{}}')");
+    primary.psql(&late);
+
+    let args = ["job", "start", "--entity", "listing", "--source-url", &standby.url()];
+    let started = setup.resync().args(args).output().expect("job start");
+    assert!(started.status.success(), "job start: {}", String::from_utf8_lossy(&started.stderr));
+    let stdout = String::from_utf8_lossy(&started.stdout);
+    let job: uuid::Uuid =
+        stdout.lines().find_map(|l| l.strip_prefix("job ")?.trim().parse().ok()).expect("job id");
+
+    let (seen, received) = setup.receive(job, 300).await;
+    assert_eq!((seen.len(), received), (300, 300), "the standby's rows, each once");
+    assert!(!seen.contains("late"), "a row the standby had not replayed was not read");
+    let status: String = sqlx::query_scalar(setup.schema.sql("SELECT status FROM {schema}.jobs"))
+        .fetch_one(&setup.pool)
+        .await
+        .expect("the job's state is on the primary");
+    assert_eq!(status, "published");
+    standby.psql("SELECT pg_wal_replay_resume()");
+    setup.cleanup().await;
 }
 
 /// A source `filter` is one boolean expression that cannot change the query around it, and a
