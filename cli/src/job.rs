@@ -53,7 +53,8 @@ pub(crate) enum JobCommand {
         json: bool,
     },
     /// A job's report: rows, published, applied, deleted, when it started and finished, how
-    /// long it took and its mean rate, and its error if it failed.
+    /// long it took and its mean rate, its error if it failed, and per sink what the consumers
+    /// did with its events (applied, skipped_unchanged, stale, duplicate, dead_lettered, ...).
     Show {
         id: Uuid,
         #[arg(long)]
@@ -320,11 +321,11 @@ pub(crate) async fn run(common: &Common, schema: &Schema, command: JobCommand) -
             }
         }
         JobCommand::Show { id, json } => {
-            let job = resync_snapshotter::get(&pool, schema, id).await?;
+            let report = resync_snapshotter::report(&pool, schema, id).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&job)?);
+                println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", report(&job));
+                print!("{}", report_lines(&report));
             }
         }
         JobCommand::List { limit, json } => {
@@ -364,7 +365,8 @@ async fn drive(
 
 /// `<id> <entity> <status> [#####.....] published/total  rate/s  ETA`
 /// The lines of `job show`.
-fn report(job: &Job) -> String {
+fn report_lines(report: &resync_snapshotter::JobReport) -> String {
+    let job = &report.job;
     let at = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S UTC").to_string();
     let end = job.finished_at.unwrap_or(job.updated_at);
     let took = Duration::from_secs(u64::try_from((end - job.created_at).num_seconds()).unwrap_or(0));
@@ -382,6 +384,10 @@ fn report(job: &Job) -> String {
     out += &format!("  mean rate  {:.0} rows/s\n", job.rate());
     if let Some(error) = &job.error {
         out += &format!("  error      {error}\n");
+    }
+    for (sink, outcomes) in &report.outcomes {
+        let counts: Vec<String> = outcomes.iter().map(|(outcome, n)| format!("{n} {outcome}")).collect();
+        out += &format!("  at {sink}: {}\n", counts.join(", "));
     }
     out
 }

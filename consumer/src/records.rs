@@ -138,6 +138,20 @@ pub async fn lock_holder(
     }))
 }
 
+/// What each sink's consumers did with a resync job's events: `(sink, outcome, events)`, the
+/// outcome as `resync_consumer_events_total` labels it (`applied`, `skipped_unchanged`, `stale`,
+/// `duplicate`, `dead_lettered`, `repaired`).
+pub async fn job_outcomes(
+    pool: &PgPool,
+    schema: &Schema,
+    job: uuid::Uuid,
+) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
+    let sql = schema.sql(
+        "SELECT sink, outcome, events FROM {schema}.job_outcomes WHERE job_id = $1 ORDER BY sink, outcome",
+    );
+    sqlx::query_as(sql).bind(job).fetch_all(pool).await
+}
+
 /// The version `sink` applied of each of these entities that it applied at all.
 pub async fn applied_versions(
     pool: &PgPool,

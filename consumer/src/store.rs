@@ -292,6 +292,32 @@ impl AppliedStore {
         Ok(())
     }
 
+    /// Adds to the counts of what this sink did with resync jobs' events: `(job, outcome label,
+    /// events)`, in one statement.
+    pub async fn add_job_outcomes(
+        &self,
+        sink: &str,
+        counts: &[(uuid::Uuid, &str, i64)],
+    ) -> Result<(), sqlx::Error> {
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let jobs: Vec<uuid::Uuid> = counts.iter().map(|(job, _, _)| *job).collect();
+        let outcomes: Vec<&str> = counts.iter().map(|(_, outcome, _)| *outcome).collect();
+        let events: Vec<i64> = counts.iter().map(|(_, _, n)| *n).collect();
+        let query = sqlx::query(self.schema.sql(
+            "INSERT INTO {schema}.job_outcomes AS o (job_id, sink, outcome, events) \
+             SELECT j, $1, o, n FROM unnest($2::uuid[], $3::text[], $4::bigint[]) AS c(j, o, n) \
+             ON CONFLICT (job_id, sink, outcome) DO UPDATE SET events = o.events + EXCLUDED.events",
+        ))
+        .bind(sink)
+        .bind(jobs)
+        .bind(outcomes)
+        .bind(events);
+        self.db.execute(query).await?;
+        Ok(())
+    }
+
     /// Remembers that an event of the entity was dead-lettered (the newest such version wins),
     /// so the entities a sink refused can be resent once it is fixed.
     pub async fn record_dead_letter(

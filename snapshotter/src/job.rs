@@ -353,6 +353,28 @@ pub async fn get(pool: &PgPool, schema: &Schema, id: Uuid) -> Result<Job> {
     job_of(&row).map_err(db("reading the job"))
 }
 
+/// A job and what each sink's consumers did with its events (sink → outcome → events).
+#[derive(Debug, Clone, Serialize)]
+pub struct JobReport {
+    #[serde(flatten)]
+    pub job: Job,
+    pub outcomes: std::collections::BTreeMap<String, std::collections::BTreeMap<String, i64>>,
+}
+
+/// [`get`], with the outcomes the consumers counted.
+pub async fn report(pool: &PgPool, schema: &Schema, id: Uuid) -> Result<JobReport> {
+    let job = get(pool, schema, id).await?;
+    let mut outcomes: std::collections::BTreeMap<String, std::collections::BTreeMap<String, i64>> =
+        std::collections::BTreeMap::new();
+    let counted = resync_consumer::records::job_outcomes(pool, schema, id)
+        .await
+        .map_err(db("reading what the sinks did with the job's events"))?;
+    for (sink, outcome, events) in counted {
+        outcomes.entry(sink).or_default().insert(outcome, events);
+    }
+    Ok(JobReport { job, outcomes })
+}
+
 /// The newest jobs first.
 pub async fn list(pool: &PgPool, schema: &Schema, limit: i64) -> Result<Vec<Job>> {
     let sql =

@@ -44,8 +44,8 @@ pub use completion::await_completion;
 pub use deletes::{DeleteLimit, DeletePlan, Missing};
 pub use entity::{EntityReport, Inspect, inspect_entity};
 pub use job::{
-    DEFAULT_READERS, Job, JobDestination, JobOptions, JobSpec, JobStatus, TargetQueue, get, list, load_spec,
-    preview_deletes,
+    DEFAULT_READERS, Job, JobDestination, JobOptions, JobReport, JobSpec, JobStatus, TargetQueue, get, list,
+    load_spec, preview_deletes, report,
 };
 pub use lifecycle::{Milestone, cancel, drive, pause, resume, start};
 pub use query::{SourceQuery, VersionSource};

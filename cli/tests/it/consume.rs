@@ -2074,5 +2074,29 @@ async fn a_second_resync_resends_everything_unless_told_to_skip_unchanged() {
 
     run_job(&world, &[]).await;
     assert_eq!(world.applied_writes().await, first + 300, "a plain resync sends every entity again");
+
+    // Each job's report counts what the sink's consumers did with its events.
+    let ids: Vec<uuid::Uuid> =
+        sqlx::query_scalar(world.schema.sql("SELECT id FROM {schema}.jobs ORDER BY created_at"))
+            .fetch_all(&world.pool)
+            .await
+            .expect("jobs");
+    let outcomes: Vec<serde_json::Value> = ids
+        .iter()
+        .map(|id| {
+            let shown =
+                world.resync().args(["job", "show", &id.to_string(), "--json"]).output().expect("job show");
+            let report: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("job show --json");
+            report["outcomes"]["sync"].clone()
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            serde_json::json!({"applied": 300}),
+            serde_json::json!({"skipped_unchanged": 300}),
+            serde_json::json!({"applied": 300})
+        ]
+    );
     world.cleanup().await;
 }

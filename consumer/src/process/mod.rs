@@ -216,6 +216,8 @@ pub struct Processor {
     /// The sink's circuit breaker, shared with every consumer of the sink; `None`: off.
     pub(crate) circuit: Option<SharedCircuit>,
     tally: Arc<Tally>,
+    /// What became of resync jobs' events since the last batch wrote it down.
+    job_tally: std::sync::Mutex<BTreeMap<(uuid::Uuid, &'static str), i64>>,
 }
 
 impl Processor {
@@ -236,6 +238,7 @@ impl Processor {
             subscribed: None,
             circuit: None,
             tally: Arc::default(),
+            job_tally: std::sync::Mutex::default(),
         }
     }
 
@@ -333,7 +336,35 @@ impl Processor {
         outcomes.extend(self.run_locked(locked).await);
         let alone = join_all(busy.into_iter().map(|group| self.run_alone(group))).await;
         outcomes.extend(alone.into_iter().flatten());
+        self.write_job_tally().await;
         outcomes
+    }
+
+    /// Counts a job's event by what became of it (events returned to the queue come back).
+    pub(super) fn count_for_job(&self, envelope: &Envelope, outcome: Outcome) {
+        let Some(job) = envelope.job_id.filter(|_| !matches!(outcome, Outcome::Requeued | Outcome::Probe))
+        else {
+            return;
+        };
+        // A poisoned lock only means another batch panicked mid-count: the counts stay usable.
+        let mut tally = self.job_tally.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *tally.entry((job, outcome.label())).or_default() += 1;
+    }
+
+    /// Writes the jobs' counts down in one statement; kept for the next batch if that fails (the
+    /// counts are a report: a failure costs no event).
+    async fn write_job_tally(&self) {
+        let counts: Vec<(uuid::Uuid, &str, i64)> = {
+            let mut tally = self.job_tally.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            std::mem::take(&mut *tally).into_iter().map(|((job, outcome), n)| (job, outcome, n)).collect()
+        };
+        if let Err(err) = self.store.add_job_outcomes(self.sink.name(), &counts).await {
+            warn!(error = %err, "could not record what became of resync jobs' events; trying with the next batch");
+            let mut tally = self.job_tally.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (job, outcome, n) in counts {
+                *tally.entry((job, outcome)).or_default() += n;
+            }
+        }
     }
 
     /// A probe only proves a route; a third party must never see it.

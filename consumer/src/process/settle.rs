@@ -11,6 +11,17 @@ impl Processor {
         envelope: &Envelope,
         result: Result<Outcome, ApplyError>,
     ) -> Outcome {
+        let outcome = self.settle_inner(delivery, envelope, result).await;
+        self.count_for_job(envelope, outcome);
+        outcome
+    }
+
+    async fn settle_inner(
+        &self,
+        delivery: Delivery,
+        envelope: &Envelope,
+        result: Result<Outcome, ApplyError>,
+    ) -> Outcome {
         async {
             let lag = (chrono::Utc::now() - envelope.occurred_at).num_milliseconds().max(0) as f64 / 1000.0;
             metrics::gauge!("resync_consumer_lag_seconds", "stream" => envelope.stream.as_str()).set(lag);
