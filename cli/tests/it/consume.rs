@@ -1901,7 +1901,7 @@ async fn run_job(world: &World, extra: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_missing_removes_what_the_source_lost_within_its_guard_and_scope() {
     let mut world = World::new("rabbitmq", ApiConfig::default()).await;
-    let truth: BTreeMap<String, Expected> = (0..600)
+    let truth: BTreeMap<String, Expected> = (0..2000)
         .map(|i| {
             let data = serde_json::json!({"title": format!("listing {i}"), "price": i % 100});
             (format!("L{i:04}"), Expected { version: 1, deleted: false, data })
@@ -1912,8 +1912,8 @@ async fn delete_missing_removes_what_the_source_lost_within_its_guard_and_scope(
     run_job(&world, &["--target-service", "sync"]).await;
     world.wait_until_equal(Duration::from_secs(120)).await;
 
-    // Sixty rows vanish without an event: thirty cheap (price < 50), thirty dear.
-    let gone: Vec<String> = truth.keys().step_by(10).cloned().collect();
+    // A hundred rows vanish without an event: sixty cheap (price < 50), forty dear.
+    let gone: Vec<String> = truth.keys().step_by(20).cloned().collect();
     let delete = world.schema.sql("DELETE FROM {schema}.listings WHERE id = ANY($1)");
     sqlx::query(delete).bind(&gone).execute(&world.pool).await.expect("delete rows");
     for id in &gone {
@@ -1928,7 +1928,7 @@ async fn delete_missing_removes_what_the_source_lost_within_its_guard_and_scope(
         world.resync().args(start).args(["--max-deletes", "10", "--dry-run"]).output().expect("dry run");
     let printed = String::from_utf8_lossy(&preview.stdout);
     assert!(preview.status.success(), "dry run: {}", String::from_utf8_lossy(&preview.stderr));
-    assert!(printed.contains(&format!("dry run: {} of the 600 entities", gone.len())), "{printed}");
+    assert!(printed.contains(&format!("dry run: {} of the 2000 entities", gone.len())), "{printed}");
     assert!(printed.contains(&gone[0]) && printed.contains("over the limit"), "{printed}");
 
     let writes_before = world.applied_writes().await;
