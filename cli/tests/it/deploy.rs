@@ -1,5 +1,6 @@
 //! The deployment files (Dockerfile, docker-compose.yml, deploy/) checked against the code,
-//! without Docker, a cluster or any network service: every YAML document parses and names its
+//! without a Docker engine, a cluster or any network service: Compose validates
+//! docker-compose.yml (`docker-compose config`); every YAML document parses and names its
 //! apiVersion and kind; every `resync`, `fare` and `apisim` command line in them is accepted by
 //! the real binary (run with `--help` appended: clap fails on an unknown subcommand, flag or
 //! malformed value, and prints the subcommand's usage otherwise); the ports, probes, grace
@@ -904,4 +905,30 @@ fn the_shipped_alert_rules_pass_their_promtool_tests() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Compose itself accepts docker-compose.yml (Debian's `docker-compose` validates without a
+/// Docker engine): as it is, on SNS/SQS, and with the `job` profile.
+#[test]
+fn docker_compose_validates_the_compose_file_in_each_setup() {
+    let setups: [(&[&str], &[(&str, &str)]); 3] =
+        [(&[], &[]), (&[], &[("RESYNC_TRANSPORT", "sns-sqs")]), (&["--profile", "job"], &[])];
+    for (flags, env) in setups {
+        let output = Command::new("docker-compose")
+            .args(["-f", "docker-compose.yml"])
+            .args(flags)
+            .args(["config", "--quiet"])
+            .envs(env.iter().copied())
+            .current_dir(root())
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("docker-compose: {e}; install it with `apt-get install docker-compose` (scripts/services-up does)")
+            });
+        assert!(
+            output.status.success(),
+            "docker-compose config {flags:?} {env:?} failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 }
