@@ -911,7 +911,9 @@ fn the_shipped_alert_rules_pass_their_promtool_tests() {
 /// Docker engine): as it is, on SNS/SQS, and with the `job` profile.
 #[test]
 fn docker_compose_validates_the_compose_file_in_each_setup() {
-    let setups: [(&[&str], &[(&str, &str)]); 3] =
+    type Flags = &'static [&'static str];
+    type Env = &'static [(&'static str, &'static str)];
+    let setups: [(Flags, Env); 3] =
         [(&[], &[]), (&[], &[("RESYNC_TRANSPORT", "sns-sqs")]), (&["--profile", "job"], &[])];
     for (flags, env) in setups {
         let output = Command::new("docker-compose")
@@ -931,4 +933,86 @@ fn docker_compose_validates_the_compose_file_in_each_setup() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+}
+
+/// `scripts/services-up --plan` on machines that lack the services: what it would install, as
+/// root or through sudo, and, where it cannot install, what to run by hand. A PATH of stub
+/// commands stands in for each machine; nothing is installed or started.
+#[test]
+fn services_up_installs_only_what_is_missing_and_says_how_when_it_cannot() {
+    let services = ["pg_ctlcluster", "redis-server", "rabbitmq-server"];
+    /// The commands a machine has, its user id, and the lines the plan prints or the error.
+    type Machine = (&'static [&'static str], &'static str, Result<&'static [&'static str], &'static str>);
+    let cases: [Machine; 5] = [
+        (
+            &["apt-get"],
+            "0",
+            Ok(&[
+                "PostgreSQL: not installed; installing it now (apt-get install postgresql)",
+                "Redis: not installed; installing it now (apt-get install redis-server)",
+                "RabbitMQ: not installed; installing it now (apt-get install rabbitmq-server)",
+            ]),
+        ),
+        (
+            &["apt-get", "sudo"],
+            "1000",
+            Ok(&["PostgreSQL: not installed; installing it now (sudo apt-get install postgresql)"]),
+        ),
+        (&["apt-get", "pg_ctlcluster", "redis-server", "rabbitmq-server"], "0", Ok(&[])),
+        (&[], "0", Err("PostgreSQL is not installed and there is no apt-get: install postgresql")),
+        (&["apt-get"], "1000", Err("PostgreSQL is not installed: run `sudo apt-get install postgresql`")),
+    ];
+    for (has, uid, expected) in cases {
+        let dir = std::env::temp_dir().join(resync_testkit::unique_name("machine"));
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).expect("stub dir");
+        for tool in ["env", "bash", "mkdir"] {
+            let real = which(tool);
+            std::os::unix::fs::symlink(&real, bin.join(tool)).expect("link a real tool");
+        }
+        let stub = |name: &str, body: &str| {
+            let path = bin.join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("stub");
+            let mut permissions = std::fs::metadata(&path).expect("stub").permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+            std::fs::set_permissions(&path, permissions).expect("chmod stub");
+        };
+        stub("id", &format!("echo {uid}"));
+        for tool in has {
+            stub(tool, "exit 0");
+        }
+        let output = Command::new(root().join("scripts/services-up"))
+            .arg("--plan")
+            .env_clear()
+            .env("PATH", &bin)
+            .env("HOME", &dir)
+            .env("RESYNC_CACHE_DIR", dir.join("cache"))
+            .output()
+            .expect("run scripts/services-up --plan");
+        let (stdout, stderr) =
+            (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        let machine = format!("a machine with {has:?}, uid {uid}:\n{stdout}{stderr}");
+        match expected {
+            Ok(lines) => {
+                assert!(output.status.success(), "{machine}");
+                for line in lines {
+                    assert!(stdout.contains(line), "{machine}\nmissing: {line}");
+                }
+                let installs = stdout.matches("installing it now").count();
+                let missing = services.iter().filter(|s| !has.contains(s)).count();
+                assert_eq!(installs, missing, "{machine}");
+            }
+            Err(message) => {
+                assert!(!output.status.success(), "{machine}");
+                assert!(stderr.contains(message), "{machine}\nmissing: {message}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Where `tool` lives on this machine.
+fn which(tool: &str) -> PathBuf {
+    let output = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().expect("sh");
+    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
 }
