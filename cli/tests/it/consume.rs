@@ -38,6 +38,8 @@ struct World {
     /// The Postgres of the source table and resync's tables: the shared one unless a test runs
     /// its own.
     database_url: String,
+    /// The broker address(es) the processes get: the shared RabbitMQ unless a test proxies it.
+    amqp_url: String,
 }
 
 impl World {
@@ -123,6 +125,7 @@ impl World {
             truth: BTreeMap::new(),
             redis_url: Service::Redis.url(),
             database_url,
+            amqp_url: Service::RabbitMq.url(),
         }
     }
 
@@ -205,7 +208,7 @@ impl World {
     fn resync(&self) -> Command {
         let mut command =
             resync_command(&self.config_dir, self.kind, &self.schema, &self.namespace, &self.redis_url);
-        command.env("RESYNC_DATABASE_URL", &self.database_url);
+        command.env("RESYNC_DATABASE_URL", &self.database_url).env("RESYNC_AMQP_URL", &self.amqp_url);
         command
     }
 
@@ -1197,6 +1200,27 @@ async fn entity_show_names_each_state_an_entity_can_be_in() {
     let human = world.resync().args(["entity", "show", "listing", "rejected"]).output().expect("entity show");
     let human = String::from_utf8_lossy(&human.stdout);
     assert!(human.contains("sink sync: dead-lettered: v1") && human.contains("dead letter v1"), "{human}");
+    world.cleanup().await;
+}
+
+/// Consumers given two AMQP addresses, as for a cluster's nodes (here two proxies of one
+/// broker), move to the second when the first goes away mid-stream: nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_consumers_move_to_the_next_amqp_address_when_theirs_goes_away() {
+    let mut world = World::new("rabbitmq", faulty_api(27)).await;
+    let first = resync_testkit::proxy::TcpProxy::start(Service::RabbitMq.socket_addr()).await;
+    let second = resync_testkit::proxy::TcpProxy::start(Service::RabbitMq.socket_addr()).await;
+    let broker = Service::RabbitMq.url();
+    world.amqp_url = format!("{},{}", first.url(&broker), second.url(&broker));
+    let (events, truth) = shuffled_history(300, 5, 0.1, 31);
+    let (_consumers, after) = world.start_before_a_fault(events, truth, 4).await;
+
+    first.cut();
+    world.publish_events(&after).await;
+
+    world.wait_until_equal(Duration::from_secs(300)).await;
+    assert!(first.refused() > 0, "the consumers tried the first address again before the second");
+    assert_no_stale_overwrite(&world).await;
     world.cleanup().await;
 }
 

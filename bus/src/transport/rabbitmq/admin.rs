@@ -192,10 +192,11 @@ fn owner_of(arguments: &serde_json::Map<String, serde_json::Value>) -> Option<St
 impl RabbitMqConfig {
     /// The management API's base URL, the credentials to use and the vhost (URL-encoded).
     fn management_endpoint(&self) -> Result<ManagementEndpoint> {
-        let amqp: lapin::uri::AMQPUri = self
-            .url
-            .parse()
-            .map_err(|e| TransportError::Config(format!("RESYNC_AMQP_URL `{}`: {e}", self.redacted_url())))?;
+        // The first node's: a cluster's management API shows every node's queues.
+        let amqp: lapin::uri::AMQPUri =
+            self.nodes().next().unwrap_or_default().parse().map_err(|e| {
+                TransportError::Config(format!("RESYNC_AMQP_URL `{}`: {e}", self.redacted_url()))
+            })?;
         let vhost = if amqp.vhost.is_empty() { "/".to_string() } else { amqp.vhost.clone() };
         let (base, username, password) = match &self.management_url {
             Some(url) => {

@@ -37,7 +37,10 @@ use publish::Publisher;
 /// How to reach RabbitMQ.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RabbitMqConfig {
-    /// `amqp://user:pass@host:port/vhost` (vhost `/` is `%2f`); `amqps://` for TLS.
+    /// `amqp://user:pass@host:port/vhost` (vhost `/` is `%2f`); `amqps://` for TLS. For a
+    /// cluster, several URLs separated by commas: every connection goes to the first node that
+    /// accepts it, and a lost connection is made again the same way, so work moves to a
+    /// surviving node (list the nodes in another order in some processes to spread them).
     pub url: String,
     /// Prefix of the connection names shown by the broker, e.g. the service name.
     pub connection_name: String,
@@ -61,9 +64,14 @@ impl RabbitMqConfig {
         }
     }
 
-    /// The URL with any password replaced, for logs and errors.
+    /// The URL(s) with any password replaced, for logs and errors.
     fn redacted_url(&self) -> String {
-        resync_redact::redact_password(&self.url)
+        self.nodes().map(resync_redact::redact_password).collect::<Vec<_>>().join(",")
+    }
+
+    /// The node URLs, in the order connections try them.
+    fn nodes(&self) -> impl Iterator<Item = &str> {
+        self.url.split(',').map(str::trim).filter(|url| !url.is_empty())
     }
 }
 
@@ -110,17 +118,35 @@ fn backoff(config: &RabbitMqConfig) -> ExponentialBackoff {
 /// are a few hundred bytes; a larger one is simply sent in several frames.
 const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
 
+/// A connection to the first node that accepts one; the error names every node's failure.
 async fn connect(config: &RabbitMqConfig, role: &str) -> Result<Connection> {
-    let connect_error = |detail: String| TransportError::Connect {
+    let mut failures = Vec::new();
+    for node in config.nodes() {
+        match connect_node(config, node, role).await {
+            Ok(connection) => return Ok(connection),
+            Err(detail) => failures.push(format!("{}: {detail}", resync_redact::redact_password(node))),
+        }
+    }
+    if failures.is_empty() {
+        failures.push("no URL given".to_string());
+    }
+    Err(TransportError::Connect {
         transport: "rabbitmq",
         endpoint: config.redacted_url(),
-        detail,
-    };
-    let mut uri: lapin::uri::AMQPUri = config.url.parse().map_err(connect_error)?;
+        detail: failures.join("; "),
+    })
+}
+
+async fn connect_node(
+    config: &RabbitMqConfig,
+    url: &str,
+    role: &str,
+) -> std::result::Result<Connection, String> {
+    let mut uri: lapin::uri::AMQPUri = url.parse()?;
     uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
     let name = format!("{}/{role}", config.connection_name);
     let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
-    Connection::connect_uri(uri, properties).await.map_err(|e| connect_error(e.to_string()))
+    Connection::connect_uri(uri, properties).await.map_err(|e| e.to_string())
 }
 
 /// Connects, retrying with backoff until `deadline`.
