@@ -640,10 +640,20 @@ async fn down_longer_than_every_retry(kind: &'static str, down: Down, outage: Ou
     }
     tokio::time::sleep_until(down_at + LONG_OUTAGE).await;
     let (up_at, applied_when_up) = (tokio::time::Instant::now(), world.applied_writes().await);
-    resync_testkit::poll_some(Duration::from_secs(120), "writes again after the outage", || async {
-        (world.applied_writes().await > applied_when_up).then_some(())
-    })
-    .await;
+    while world.applied_writes().await <= applied_when_up {
+        if up_at.elapsed() > Duration::from_secs(120) {
+            let queue = resync_bus::naming::queue_name(Some(&world.namespace), "sync", Stream::Live);
+            let depth = world.transport.queue_depth(&queue).await;
+            let mut redis = redis.clone();
+            let state: BTreeMap<String, String> =
+                redis::cmd("HGETALL").arg(&circuit).query_async(&mut redis).await.unwrap_or_default();
+            panic!(
+                "no write in 120 s after the outage ended: queue {depth:?}, circuit {state:?}\n{}",
+                world.consumer_logs_whole()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     eprintln!(
         "{kind} {down:?}: {calls_during} calls reached the third party in {window:?} of outage; \
          writes resumed {:?} after it ended",

@@ -97,6 +97,21 @@ fn retry_delays() -> ExponentialBackoff {
 }
 
 /// The SNS/SQS transport.
+/// Every SNS/SQS call ends: the SDK sets no read or attempt timeout of its own, so one answer
+/// that never comes (a stalled connection, an overloaded endpoint) would hold a consumer's
+/// event, and with it the consumer, for ever. An attempt may last a long poll (20 s) and then
+/// some; a call, its retries.
+fn call_timeouts() -> aws_config::timeout::TimeoutConfig {
+    aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .operation_attempt_timeout(Duration::from_secs(MAX_CALL_ATTEMPT_SECS))
+        .operation_timeout(Duration::from_secs(3 * MAX_CALL_ATTEMPT_SECS))
+        .build()
+}
+
+/// Longest SNS/SQS call attempt: a 20 s long poll and 10 s to spare.
+const MAX_CALL_ATTEMPT_SECS: u64 = 30;
+
 pub struct SnsSqsTransport {
     config: SnsSqsConfig,
     sns: aws_sdk_sns::Client,
@@ -110,7 +125,8 @@ impl SnsSqsTransport {
     /// Builds the clients and checks that the endpoint answers.
     pub async fn connect(config: SnsSqsConfig) -> Result<Self> {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(config.region.clone()));
+            .region(aws_config::Region::new(config.region.clone()))
+            .timeout_config(call_timeouts());
         if let Some(endpoint) = &config.endpoint_url {
             loader = loader.endpoint_url(endpoint);
         }
