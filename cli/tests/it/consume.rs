@@ -635,12 +635,16 @@ async fn down_longer_than_every_retry(kind: &'static str, down: Down, outage: Ou
     let (window_start, calls_before) = (tokio::time::Instant::now(), calls_while_down().await);
     tokio::time::sleep_until(down_at + LONG_OUTAGE - Duration::from_secs(1)).await;
     let (window, calls_during) = (window_start.elapsed(), calls_while_down().await - calls_before);
+    // Counted while nothing can land, before the third party is back: once it is, the rest
+    // can all land within milliseconds (a count taken after the restore once saw no write
+    // "after the outage" because every write had landed before it).
+    let applied_while_down = world.applied_writes().await;
     if let Down::Refusing = down {
         proxy.restore();
     }
     tokio::time::sleep_until(down_at + LONG_OUTAGE).await;
-    let (up_at, applied_when_up) = (tokio::time::Instant::now(), world.applied_writes().await);
-    while world.applied_writes().await <= applied_when_up {
+    let up_at = tokio::time::Instant::now();
+    while world.applied_writes().await <= applied_while_down {
         if up_at.elapsed() > Duration::from_secs(120) {
             let queue = resync_bus::naming::queue_name(Some(&world.namespace), "sync", Stream::Live);
             let depth = world.transport.queue_depth(&queue).await;
