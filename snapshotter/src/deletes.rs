@@ -185,8 +185,28 @@ pub(crate) async fn send_tombstones(
 /// The chunk's entities still missing, each with the version its tombstone carries: the next
 /// one from resync's counter (as `resync.emit` would give it, locked against a concurrent
 /// re-creation, which then comes after), or, for a service that versions its own events, one
-/// above what the sink holds.
+/// above what the sink holds. A deadlock with an application transaction emitting several of
+/// these entities in another order makes one of the two give way: the chunk is tried again.
 async fn versioned_tombstones(
+    pool: &PgPool,
+    schema: &Schema,
+    spec: &JobSpec,
+    plan: &DeletePlan,
+    chunk: &[(String, i64)],
+) -> Result<Vec<SourceRow>> {
+    let mut attempt = 1;
+    loop {
+        match tombstones_in_one_transaction(pool, schema, spec, plan, chunk).await {
+            Err(JobError::Database { source, .. }) if is_deadlock(&source) && attempt < 5 => {
+                warn!(error = %source, "tombstone versions deadlocked with an emit; trying again");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn tombstones_in_one_transaction(
     pool: &PgPool,
     schema: &Schema,
     spec: &JobSpec,
@@ -195,52 +215,34 @@ async fn versioned_tombstones(
 ) -> Result<Vec<SourceRow>> {
     let ids: Vec<&str> = chunk.iter().map(|(id, _)| id.as_str()).collect();
     let held: Vec<i64> = chunk.iter().map(|(_, version)| *version).collect();
-    for attempt in 1.. {
-        let mut tx = pool.begin().await.map_err(db("allocating tombstone versions"))?;
-        let versions: HashMap<String, i64> = match spec.query.versions {
-            VersionSource::Counter => {
-                match resync_producer::versions::allocate_next(
-                    &mut tx,
-                    schema,
-                    &spec.entity_type,
-                    &ids,
-                    &held,
-                )
+    let mut tx = pool.begin().await.map_err(db("allocating tombstone versions"))?;
+    let versions: HashMap<String, i64> = match spec.query.versions {
+        VersionSource::Counter => {
+            resync_producer::versions::allocate_next(&mut tx, schema, &spec.entity_type, &ids, &held)
                 .await
-                {
-                    Ok(versions) => versions,
-                    // An application transaction emitting several of these entities in
-                    // another order: one of the two gives way; try the chunk again.
-                    Err(e) if is_deadlock(&e) && attempt < 5 => {
-                        warn!(error = %e, "tombstone versions deadlocked with an emit; trying again");
-                        continue;
-                    }
-                    Err(e) => return Err(db("allocating tombstone versions")(e)),
-                }
-            }
-            VersionSource::Column => chunk.iter().map(|(id, version)| (id.clone(), version + 1)).collect(),
-        };
-        // Under the counter locks: a row created meanwhile is seen now, and its entity spared.
-        let (table, id_text) = (&plan.table, &plan.id_text);
-        let still_missing_sql = format!(
-            "SELECT k.id FROM unnest($1::text[]) AS k(id) \
-             WHERE NOT EXISTS (SELECT 1 FROM {table} AS src WHERE {id_text} = k.id)"
-        );
-        let still_missing: Vec<String> = sqlx::query_scalar(AssertSqlSafe(still_missing_sql))
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db("checking the entities are still missing"))?;
-        tx.commit().await.map_err(db("allocating tombstone versions"))?;
-        return Ok(still_missing
-            .into_iter()
-            .filter_map(|id| {
-                let version = *versions.get(&id)?;
-                Some(SourceRow { id, version, deleted: true, data: serde_json::Value::Null })
-            })
-            .collect());
-    }
-    unreachable!("the loop returns or continues at most five times")
+                .map_err(db("allocating tombstone versions"))?
+        }
+        VersionSource::Column => chunk.iter().map(|(id, version)| (id.clone(), version + 1)).collect(),
+    };
+    // Under the counter locks: a row created meanwhile is seen now, and its entity spared.
+    let (table, id_text) = (&plan.table, &plan.id_text);
+    let still_missing_sql = format!(
+        "SELECT k.id FROM unnest($1::text[]) AS k(id) \
+         WHERE NOT EXISTS (SELECT 1 FROM {table} AS src WHERE {id_text} = k.id)"
+    );
+    let still_missing: Vec<String> = sqlx::query_scalar(AssertSqlSafe(still_missing_sql))
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db("checking the entities are still missing"))?;
+    tx.commit().await.map_err(db("allocating tombstone versions"))?;
+    Ok(still_missing
+        .into_iter()
+        .filter_map(|id| {
+            let version = *versions.get(&id)?;
+            Some(SourceRow { id, version, deleted: true, data: serde_json::Value::Null })
+        })
+        .collect())
 }
 
 fn is_deadlock(err: &sqlx::Error) -> bool {
