@@ -124,6 +124,7 @@ impl Consumer {
     /// (up to the grace period) and settles them.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
         let permits = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let processing = Arc::new(AtomicUsize::new(0));
         let mut loops = JoinSet::new();
         for (index, (stream, queue)) in self.config.queues.iter().enumerate() {
             let worker = QueueLoop {
@@ -135,11 +136,11 @@ impl Consumer {
                 stream: *stream,
                 queue: queue.clone(),
                 prefetch: self.config.prefetch,
-                concurrency: self.config.concurrency.max(1),
                 batch_size: self.config.batch_size.max(1),
                 pause_poll: self.config.pause_poll,
                 grace: self.config.shutdown_grace,
                 state: self.states[index].clone(),
+                processing: processing.clone(),
             };
             loops.spawn(worker.run(permits.clone(), shutdown.clone()));
         }
@@ -171,12 +172,14 @@ struct QueueLoop {
     stream: Stream,
     queue: String,
     prefetch: u16,
-    /// Events in flight at most over the process (the size of `permits`).
-    concurrency: usize,
     batch_size: usize,
     pause_poll: Duration,
     grace: Duration,
     state: watch::Sender<QueueState>,
+    /// Events the process's queue loops are handling now. Slots a loop holds only to poll an
+    /// empty queue do not count: they must not keep another queue of the process from taking
+    /// the one event it may take while the sink is held.
+    processing: Arc<AtomicUsize>,
 }
 
 impl QueueLoop {
@@ -211,7 +214,7 @@ impl QueueLoop {
                 }
                 continue;
             }
-            let batch_size = match self.held_limit(&permits, &mut holding).await {
+            let batch_size = match self.held_limit(&mut holding).await {
                 Some(0) => {
                     if held.load(Ordering::SeqCst) == 0
                         && self.quota_outlasts_max_hold()
@@ -264,8 +267,9 @@ impl QueueLoop {
                     }
                     metrics::histogram!("resync_consumer_batch_size").record(batch.len() as f64);
                     let processor = self.processor.clone();
-                    let held = held.clone();
+                    let (held, processing) = (held.clone(), self.processing.clone());
                     held.fetch_add(used.len(), Ordering::SeqCst);
+                    processing.fetch_add(used.len(), Ordering::SeqCst);
                     in_flight.spawn(async move {
                         let tally = processor.tally();
                         for outcome in processor.handle_batch(batch).await {
@@ -275,6 +279,7 @@ impl QueueLoop {
                         }
                         // Counted back before the slots are, so a loop woken by them sees it.
                         held.fetch_sub(used.len(), Ordering::SeqCst);
+                        processing.fetch_sub(used.len(), Ordering::SeqCst);
                         drop(used);
                     });
                 }
@@ -310,7 +315,7 @@ impl QueueLoop {
     /// turn), or while the sink's quota is spent (its window turns by itself): messages left in
     /// the queue spend none of their deliveries. One while the circuit is open and the process
     /// holds no event, so that some process has an event to probe with.
-    async fn held_limit(&self, permits: &Semaphore, holding: &mut bool) -> Option<usize> {
+    async fn held_limit(&self, holding: &mut bool) -> Option<usize> {
         let open = self.processor.circuit_refreshed_open().await;
         let quota_spent = self.processor.quota_held_for().is_some();
         let held = open || quota_spent;
@@ -326,7 +331,10 @@ impl QueueLoop {
         if !held {
             return None;
         }
-        let in_flight = permits.available_permits() < self.concurrency;
+        // Events being handled, not slots taken to poll: an idle queue's long poll (the resync
+        // queue's, mostly) once kept the live queue from taking its one event for 8 s, and with
+        // nobody holding an event nobody probed.
+        let in_flight = self.processing.load(Ordering::SeqCst) > 0;
         Some(if in_flight || quota_spent { 0 } else { 1 })
     }
 
